@@ -1,0 +1,260 @@
+"""Frozen model configs, named presets, and HF `config.json` round trip.
+
+Every size lives here (STYLE.md 5). Values follow REFERENCE.md 1.1-1.4; the
+presets use the llava-hf vocab sizes (Qwen vocab + 2, padded to a multiple of
+64), but loaders must trust tensor shapes over these numbers (REFERENCE.md 1.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# 36 (h, w) pairs: outer loop over heights, inner over widths, multiples of 384.
+_GRID_SIDES = (384, 768, 1152, 1536, 1920, 2304)
+ANYRES_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
+    (h, w) for h in _GRID_SIDES for w in _GRID_SIDES
+)
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("xla", "splash")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower (OV drops the last of SO400M's 27 layers)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 26
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 384
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        # VALID conv: 384 // 14 = 27; the last 6 pixel rows/cols are never seen.
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Qwen-2 decoder."""
+
+    vocab_size: int = 152000
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaVA-OneVision: vision tower + 2-layer GELU projector + Qwen-2.
+
+    `dtype` is the compute dtype, `param_dtype` the master-weight dtype.
+    `remat_policy` is one of REMAT_POLICIES, applied to every scanned block.
+    """
+
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    image_token_id: int = 151646
+    video_token_id: int = 151647
+    vision_aspect_ratio: str = "anyres_max_9"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ANYRES_GRID_PINPOINTS
+    video_pool_size: int = 14  # ceil(27 / 2): frames are pooled 27x27 -> 14x14
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        if self.text.num_heads % self.text.num_kv_heads:
+            raise ValueError("text.num_heads must be a multiple of text.num_kv_heads")
+
+    @property
+    def max_num_patches(self) -> int:
+        """The N of `anyres_max_N` (downsample threshold in crops)."""
+        prefix = "anyres_max_"
+        if not self.vision_aspect_ratio.startswith(prefix):
+            raise ValueError(f"unsupported vision_aspect_ratio {self.vision_aspect_ratio!r}")
+        return int(self.vision_aspect_ratio[len(prefix) :])
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ---- HF config.json round trip -------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides: Any) -> ModelConfig:
+        """Build from a `LlavaOnevisionConfig` dict (config.json), any transformers era."""
+        v, t = hf.get("vision_config", {}), hf.get("text_config", {})
+        if t.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported (OV never uses it)")
+        if hf.get("vision_feature_select_strategy", "full") != "full":
+            raise ValueError("only vision_feature_select_strategy='full' is OneVision")
+        if hf.get("vision_feature_layer", -1) != -1:
+            raise ValueError("only vision_feature_layer=-1 (on the 26-layer tower) is OneVision")
+        rope = t.get("rope_parameters") or {}
+        hidden = t.get("hidden_size", 4096)
+        heads = t.get("num_attention_heads", 32)
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 768),
+            intermediate_size=v.get("intermediate_size", 3072),
+            num_layers=v.get("num_hidden_layers", 12),
+            num_heads=v.get("num_attention_heads", 12),
+            patch_size=v.get("patch_size", 16),
+            image_size=v.get("image_size", 224),
+            num_channels=v.get("num_channels", 3),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+        )
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", 151936),
+            hidden_size=hidden,
+            intermediate_size=t.get("intermediate_size", 22016),
+            num_layers=t.get("num_hidden_layers", 32),
+            num_heads=heads,
+            num_kv_heads=t.get("num_key_value_heads") or heads,
+            head_dim=t.get("head_dim") or hidden // heads,
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=t.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+            bos_token_id=t.get("bos_token_id") or 151643,
+            eos_token_id=t.get("eos_token_id") or 151645,
+        )
+        pinpoints = tuple(tuple(p) for p in hf.get("image_grid_pinpoints", ANYRES_GRID_PINPOINTS))
+        pps = vision.image_size // vision.patch_size
+        return cls(
+            vision=vision,
+            text=text,
+            image_token_id=hf.get("image_token_index", hf.get("image_token_id", 151646)),
+            video_token_id=hf.get("video_token_index", hf.get("video_token_id", 151647)),
+            vision_aspect_ratio=hf.get("vision_aspect_ratio", "anyres_max_9"),
+            image_grid_pinpoints=pinpoints,
+            video_pool_size=math.ceil(pps / 2),
+            **overrides,
+        )
+
+    def to_hf_config(self) -> dict:
+        """A `LlavaOnevisionConfig` dict that current `transformers` loads unchanged."""
+        v, t = self.vision, self.text
+        return {
+            "architectures": ["LlavaOnevisionForConditionalGeneration"],
+            "model_type": "llava_onevision",
+            "image_token_index": self.image_token_id,
+            "video_token_index": self.video_token_id,
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True,
+            "vision_feature_select_strategy": "full",
+            "vision_feature_layer": -1,
+            "vision_aspect_ratio": self.vision_aspect_ratio,
+            "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads,
+                "patch_size": v.patch_size,
+                "image_size": v.image_size,
+                "num_channels": v.num_channels,
+                "layer_norm_eps": v.layer_norm_eps,
+                "hidden_act": "gelu_pytorch_tanh",
+                "attention_dropout": 0.0,
+                "vision_use_head": False,
+            },
+            "text_config": {
+                "model_type": "qwen2",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_layers,
+                "num_attention_heads": t.num_heads,
+                "num_key_value_heads": t.num_kv_heads,
+                "head_dim": t.head_dim,
+                "hidden_act": "silu",
+                "rms_norm_eps": t.rms_norm_eps,
+                "max_position_embeddings": t.max_position_embeddings,
+                "rope_theta": t.rope_theta,
+                "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
+                "tie_word_embeddings": t.tie_word_embeddings,
+                "use_sliding_window": False,
+                "sliding_window": None,
+                "attention_dropout": 0.0,
+                "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_id,
+            },
+        }
+
+
+# ---- presets ---------------------------------------------------------------------
+
+_SO400M_OV = VisionConfig()
+
+
+def ov_0_5b(**kw: Any) -> ModelConfig:
+    text = TextConfig(
+        vocab_size=152000, hidden_size=896, intermediate_size=4864, num_layers=24,
+        num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    return ModelConfig(vision=_SO400M_OV, text=text, **kw)
+
+
+def ov_7b(**kw: Any) -> ModelConfig:
+    text = TextConfig(
+        vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28,
+        num_heads=28, num_kv_heads=4, head_dim=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    return ModelConfig(vision=_SO400M_OV, text=text, **kw)
+
+
+def ov_72b(**kw: Any) -> ModelConfig:
+    text = TextConfig(
+        vocab_size=152128, hidden_size=8192, intermediate_size=29568, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    return ModelConfig(vision=_SO400M_OV, text=text, **kw)
+
+
+def tiny(**kw: Any) -> ModelConfig:
+    """A few-MB model with the real patch geometry and token ids (tests, demo)."""
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+    text = TextConfig(
+        vocab_size=152000, hidden_size=48, intermediate_size=96, num_layers=2,
+        num_heads=6, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+    )  # fmt: skip
+    return ModelConfig(vision=vision, text=text, **kw)
+
+
+PRESETS = {"ov_0_5b": ov_0_5b, "ov_7b": ov_7b, "ov_72b": ov_72b, "tiny": tiny}
+
+
+def preset(name: str, **kw: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name](**kw)

@@ -78,6 +78,9 @@ def dot_product_attention(
     if impl == "splash":
         from lov_jax.models import splash
 
+        if not isinstance(q_offset, int) or q_offset:
+            raise ValueError("impl='splash' has no q_offset (cached decode): use impl='xla'")
+
         return splash.splash_attention(
             q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal
         )

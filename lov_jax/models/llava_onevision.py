@@ -1,0 +1,125 @@
+"""LLaVA-OneVision: SigLIP over every crop, projector per crop, 4-tap visual gather, Qwen-2.
+
+Batch contract (DESIGN.md 2), per row b of B:
+    tokens       int32[B, L]     placeholders already expanded
+    positions    int32[B, L]     RoPE positions (restart per packed segment)
+    segment_ids  int32[B, L]     1..S per packed sample, 0 = padding
+    pixels       uint8|float[B, N, 384, 384, 3]   crops/frames, zero padded
+    vis_idx      int32[B, L, 4]  taps into the row's feature bank
+    vis_w        float32[B, L, 4] tap weights (all 0 on text tokens)
+
+Feature bank of a row: float[N * 729 + 2, H] = projected patches of crop slot c
+at c*729 + (y*27 + x), then `image_newline` at N*729, then a zero row at N*729+1
+(what `lov_jax.visual_layout` indexes). Unpad, the anyres_max_9 bilinear
+downsample, video 2x2 bilinear pooling and newline insertion all reduce to this
+single gather-and-weight, so shapes stay static under packing.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lov_jax.config import ModelConfig
+from lov_jax.models.projector import MultiModalProjector
+from lov_jax.models.qwen2 import Qwen2Model
+from lov_jax.models.siglip import SiglipVisionTower
+
+
+class LlavaOnevision(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.vision_tower = SiglipVisionTower(cfg.vision, dtype, pdtype, cfg.remat_policy)
+        self.multi_modal_projector = MultiModalProjector(cfg.text.hidden_size, dtype, pdtype)
+        self.image_newline = self.param(
+            "image_newline",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (cfg.text.hidden_size,),
+            pdtype,
+        )
+        self.language_model = Qwen2Model(
+            cfg.text, dtype, pdtype, cfg.remat_policy, cfg.attention_impl
+        )
+
+    def encode_crops(self, pixels: jax.Array) -> jax.Array:
+        """pixels [B, N, 384, 384, 3] -> projected features float[B, N, 729, H]."""
+        b, n = pixels.shape[:2]
+        crops = pixels.reshape(b * n, *pixels.shape[2:])
+        feats = self.multi_modal_projector(self.vision_tower(crops))
+        return feats.reshape(b, n, *feats.shape[1:])
+
+    def feature_bank(self, pixels: jax.Array) -> jax.Array:
+        """float[B, N*729 + 2, H]: crop patches, then image_newline, then a zero row."""
+        feats = self.encode_crops(pixels)
+        b, n, p, h = feats.shape
+        newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (b, 1, h))
+        zero = jnp.zeros((b, 1, h), feats.dtype)
+        return jnp.concatenate([feats.reshape(b, n * p, h), newline, zero], axis=1)
+
+    def embed_inputs(self, tokens, pixels=None, vis_idx=None, vis_w=None) -> jax.Array:
+        """Text embeddings with visual tokens replaced by their weighted taps: [B, L, H]."""
+        embeds = self.language_model.embed(tokens)
+        if pixels is None or pixels.shape[1] == 0:
+            return embeds
+        bank = self.feature_bank(pixels)
+        visual = jnp.zeros(embeds.shape, jnp.float32)
+        for tap in range(vis_idx.shape[-1]):  # 4 gathers of [B, L, H], fused by XLA
+            rows = jnp.take_along_axis(bank, vis_idx[:, :, tap, None], axis=1)
+            visual = visual + vis_w[:, :, tap, None] * rows.astype(jnp.float32)
+        is_visual = jnp.any(vis_w != 0, axis=-1, keepdims=True)
+        return jnp.where(is_visual, visual.astype(embeds.dtype), embeds)
+
+    def hidden_states(
+        self, tokens, positions, segment_ids, pixels=None, vis_idx=None, vis_w=None
+    ) -> jax.Array:
+        """Final-norm hidden states float[B, L, H] (feed to `logits` or the chunked loss)."""
+        embeds = self.embed_inputs(tokens, pixels, vis_idx, vis_w)
+        return self.language_model(embeds, positions, segment_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.logits(hidden)
+
+    def head_kernel(self) -> jax.Array:
+        return self.language_model.head_kernel()
+
+    def __call__(self, tokens, positions, segment_ids, pixels=None, vis_idx=None, vis_w=None):
+        """float32[B, L, V] logits. Materialises the full vocab: use the chunked loss to train."""
+        hidden = self.hidden_states(tokens, positions, segment_ids, pixels, vis_idx, vis_w)
+        if self.is_initializing():
+            self.head_kernel()  # create the untied lm_head during init
+        return self.logits(hidden)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, *, boxed: bool = False):
+    """Random params (tiny/tests); `boxed=True` keeps the LogicallyPartitioned metadata."""
+    model = LlavaOnevision(cfg)
+    args = dummy_inputs(cfg)
+    variables = model.init(rng, *args)
+    params = variables["params"]
+    return params if boxed else nn.meta.unbox(params)
+
+
+def abstract_params(cfg: ModelConfig, *, boxed: bool = True):
+    """Shape/dtype (and logical names) of the params tree, nothing allocated."""
+    return jax.eval_shape(lambda r: init_params(cfg, r, boxed=boxed), jax.random.key(0))
+
+
+def dummy_inputs(cfg: ModelConfig, length: int = 8, crops: int = 1):
+    size = cfg.vision.image_size
+    tokens = jnp.zeros((1, length), jnp.int32)
+    return (
+        tokens,
+        jnp.zeros((1, length), jnp.int32),
+        jnp.ones((1, length), jnp.int32),
+        jnp.zeros((1, crops, size, size, cfg.vision.num_channels), jnp.uint8),
+        jnp.zeros((1, length, 4), jnp.int32),
+        jnp.zeros((1, length, 4), jnp.float32),
+    )
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))

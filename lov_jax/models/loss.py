@@ -1,0 +1,57 @@
+"""Chunked next-token cross-entropy that never materialises float[B, L, V] logits.
+
+The sequence is cut into chunks of `chunk_size` tokens; each chunk's logits are
+computed in fp32, reduced to (logsumexp - target logit), and recomputed in the
+backward pass (`jax.checkpoint`), so peak memory is O(B * chunk * V).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    head_kernel: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int = 1024,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed masked CE and the mask total.
+
+    hidden: float[B, L, H] final-norm states; head_kernel: float[H, V];
+    targets: int32[B, L] (already shifted); loss_mask: float32[B, L].
+    Returns (sum of loss_mask * CE (+ z_loss * logsumexp^2), sum of loss_mask), fp32.
+    """
+    b, length, h = hidden.shape
+    chunk = min(chunk_size, length)
+    pad = (-length) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
+    n = (length + pad) // chunk
+    # [n, B, chunk, ...]: scan over chunks.
+    hs = hidden.reshape(b, n, chunk, h).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    ms = loss_mask.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
+    kernel = head_kernel.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def chunk_loss(h_c, t_c, m_c):
+        logits = jnp.einsum("BTH,HV->BTV", h_c, kernel, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        per_token = lse - target_logit
+        if z_loss:
+            per_token = per_token + z_loss * jnp.square(lse)
+        return jnp.sum(per_token * m_c)
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
+    return total, jnp.sum(ms)

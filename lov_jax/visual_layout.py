@@ -1,0 +1,340 @@
+"""Host-side visual token layout: 4-tap gathers that reproduce HF's feature packing.
+
+Every visual token the LLM sees is a fixed linear combination of at most four rows of
+a per-row feature bank (DESIGN.md 1-2):
+
+    bank = concat(projected.reshape(N * P*P, C), image_newline[None], zeros[1, C])
+
+where N is the number of crop slots of the packed row and P = patches_per_side (27).
+Patch p = y*P + x of crop slot c sits at bank row c*P*P + p; the newline is row
+`N*P*P` and a zero row is `N*P*P + 1`. A visual token is
+`sum_i vis_w[i] * bank[vis_idx[i]]`.
+
+That covers all of REFERENCE.md 3-5: anyres re-assembly and unpadding are index
+arithmetic, the anyres_max_N downsample and the 27->14 video pool are PyTorch bilinear
+(align_corners=False, antialias=False) i.e. separable 2-tap per axis, and the newline is
+one bank row. Everything depends only on image sizes and frame counts, so it lives
+here in numpy (no jax) and runs in the data pipeline.
+
+Tap conventions: a plain copy is (p, p, p, p) with weights (1, 0, 0, 0); a bilinear
+output is (y0x0, y0x1, y1x0, y1x1) with weights (wy0*wx0, wy0*wx1, wy1*wx0, wy1*wx1);
+text positions are (zero_index,)*4 with weights 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from lov_jax.config import ModelConfig
+
+KINDS = ("anyres", "square", "pad", "video")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualItem:
+    """One image or video of a sample, as the layout needs it.
+
+    kind:
+      "anyres": single image, Higher AnyRes anyres_max_N (base crop + grid crops).
+      "square": stage-1 image, one directly resized crop, 729 tokens, no newline.
+      "pad":    multi-image member, one padded-to-square crop, 729 + 1 newline.
+      "video":  F frames, each pooled PxP -> video_pool_size^2, one newline at the end.
+    image_size: original (H, W); required for "anyres".
+    num_frames: F for "video".
+    """
+
+    kind: str
+    image_size: tuple[int, int] | None = None
+    num_frames: int = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"VisualItem.kind {self.kind!r} not in {KINDS}")
+        if self.kind == "anyres":
+            if self.image_size is None or len(self.image_size) != 2 or min(self.image_size) < 1:
+                raise ValueError(f"anyres item needs image_size=(H, W), got {self.image_size}")
+        if self.kind == "video" and self.num_frames < 1:
+            raise ValueError(f"video item needs num_frames >= 1, got {self.num_frames}")
+
+
+# ---- sizes ---------------------------------------------------------------------------
+
+
+def select_best_resolution(
+    size_hw: tuple[int, int], pinpoints: Sequence[tuple[int, int]]
+) -> tuple[int, int]:
+    """HF `select_best_resolution` (REFERENCE.md 2.2): max effective, then min wasted area.
+
+    Pinpoints are (h, w); the first candidate wins ties. Returns (best_h, best_w).
+    """
+    orig_h, orig_w = (int(s) for s in size_hw)
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / orig_w, h / orig_h)
+        eff = min(int(orig_w * scale) * int(orig_h * scale), orig_w * orig_h)
+        waste = h * w - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(h), int(w)), eff, waste
+    if best is None:
+        raise ValueError(f"no pinpoint fits image size {size_hw}")
+    return best
+
+
+def anyres_grid(size_hw: tuple[int, int], cfg: ModelConfig) -> tuple[int, int]:
+    """(grid_rows, grid_cols) of 384px crops for an anyres image of original (H, W)."""
+    best_h, best_w = select_best_resolution(size_hw, cfg.image_grid_pinpoints)
+    side = cfg.vision.image_size
+    return best_h // side, best_w // side
+
+
+@dataclasses.dataclass(frozen=True)
+class _AnyresGeometry:
+    grid: tuple[int, int]  # (gh, gw) crops
+    rows: tuple[int, int]  # kept rows [r0, r1) of the (gh*P, gw*P) feature map after unpad
+    cols: tuple[int, int]  # kept cols [c0, c1)
+    out: tuple[int, int]  # (h', w') after the optional anyres_max_N bilinear downsample
+
+
+def _anyres_geometry(size_hw: tuple[int, int], cfg: ModelConfig) -> _AnyresGeometry:
+    """REFERENCE.md 3.2-3.4 on sizes only (Python ints/floats, as HF after `.tolist()`)."""
+    p = cfg.vision.patches_per_side
+    orig_h, orig_w = (int(s) for s in size_hw)
+    gh, gw = anyres_grid((orig_h, orig_w), cfg)
+    cur_h, cur_w = gh * p, gw * p
+    r0, r1, c0, c1 = 0, cur_h, 0, cur_w
+    # HF `unpad_image`: int(round(x, 7)) guards against x = k - 1e-12; kept size is
+    # cur - 2*pad, which is new + 1 when cur - new is odd.
+    if orig_w / orig_h > cur_w / cur_h:
+        new_h = int(round(orig_h * (cur_w / orig_w), 7))
+        pad = (cur_h - new_h) // 2
+        r0, r1 = pad, cur_h - pad
+    else:
+        new_w = int(round(orig_w * (cur_h / orig_h), 7))
+        pad = (cur_w - new_w) // 2
+        c0, c1 = pad, cur_w - pad
+    h, w = r1 - r0, c1 - c0
+    ratio = math.sqrt(h * w / (cfg.max_num_patches * p**2))
+    out = (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+    return _AnyresGeometry(grid=(gh, gw), rows=(r0, r1), cols=(c0, c1), out=out)
+
+
+def num_crops(item: VisualItem, cfg: ModelConfig) -> int:
+    """Crop slots the item occupies: anyres grid + 1 base; square/pad 1; video F frames."""
+    if item.kind == "anyres":
+        gh, gw = anyres_grid(item.image_size, cfg)
+        return gh * gw + 1
+    if item.kind == "video":
+        return item.num_frames
+    return 1
+
+
+def num_tokens(item: VisualItem, cfg: ModelConfig) -> int:
+    """Exact placeholder count (REFERENCE.md 3.5/3.7/3.8, 4, 5.4)."""
+    n_patch = cfg.vision.num_patches
+    if item.kind == "anyres":
+        out_h, out_w = _anyres_geometry(item.image_size, cfg).out
+        return n_patch + out_h * out_w + out_h  # base + grid + one newline per grid row
+    if item.kind == "square":
+        return n_patch
+    if item.kind == "pad":
+        return n_patch + 1
+    return item.num_frames * cfg.video_pool_size**2 + 1
+
+
+# ---- taps ----------------------------------------------------------------------------
+
+
+def _bilinear_taps_1d_f64(in_size: int, out_size: int):
+    scale = in_size / out_size  # size given, no scale_factor: PyTorch uses in/out
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam1 = src - i0
+    return i0, i1, 1.0 - lam1, lam1
+
+
+def bilinear_taps_1d(
+    in_size: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch `F.interpolate(mode="bilinear", align_corners=False)` along one axis.
+
+    Returns (i0 int64[out], i1 int64[out], w0 float32[out], w1 float32[out]) with
+    out[j] = w0[j]*in[i0[j]] + w1[j]*in[i1[j]]. Computed in float64, weights cast last.
+    """
+    i0, i1, w0, w1 = _bilinear_taps_1d_f64(in_size, out_size)
+    return i0, i1, w0.astype(np.float32), w1.astype(np.float32)
+
+
+def _identity_1d(size: int):
+    i = np.arange(size, dtype=np.int64)
+    return i, i, np.ones(size), np.zeros(size)
+
+
+def _taps_2d(ty, tx, bank_index) -> tuple[np.ndarray, np.ndarray]:
+    """Outer product of per-axis taps -> (idx int64[h, w, 4], w float64[h, w, 4]).
+
+    ty/tx: (i0, i1, w0, w1) per axis in source feature-map coordinates;
+    bank_index(Y, X) maps source coordinates (broadcast arrays) to bank rows.
+    """
+    y0, y1, wy0, wy1 = (a[:, None] for a in ty)
+    x0, x1, wx0, wx1 = (a[None, :] for a in tx)
+    idx = np.stack(
+        np.broadcast_arrays(
+            bank_index(y0, x0), bank_index(y0, x1), bank_index(y1, x0), bank_index(y1, x1)
+        ),
+        axis=-1,
+    )
+    w = np.stack(np.broadcast_arrays(wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1), axis=-1)
+    return idx, w
+
+
+def _copy_taps(start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain copies of bank rows [start, start + count): idx (p,)*4, weights (1, 0, 0, 0)."""
+    idx = np.repeat(np.arange(start, start + count, dtype=np.int64)[:, None], 4, axis=1)
+    w = np.zeros((count, 4))
+    w[:, 0] = 1.0
+    return idx, w
+
+
+def item_taps(
+    item: VisualItem, cfg: ModelConfig, crop_offset: int, newline_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Taps for one item, in the order HF's model emits its features.
+
+    The item's crops live in bank slots crop_offset, crop_offset+1, ... (anyres: base
+    first, then grid crops row-major; video: frames in order).
+    Returns (idx int32[T, 4], w float32[T, 4]) with T = num_tokens(item, cfg).
+    """
+    p = cfg.vision.patches_per_side
+    npatch = p * p
+    base = crop_offset * npatch
+    newline = (np.full((1, 4), newline_index, np.int64), np.array([[1.0, 0.0, 0.0, 0.0]]))
+
+    if item.kind in ("square", "pad"):
+        parts = [_copy_taps(base, npatch)]
+        if item.kind == "pad":
+            parts.append(newline)  # HF pack_image_features, single-crop branch
+    elif item.kind == "video":
+        # HF apply_pooling: per frame [P, P] -> bilinear [S, S], row-major; frames are
+        # flattened and ONE newline closes the whole video (REFERENCE.md 5.3).
+        s = cfg.video_pool_size
+        ty = tx = _bilinear_taps_1d_f64(p, s)
+        parts = []
+        for f in range(item.num_frames):
+            off = base + f * npatch
+            idx, w = _taps_2d(ty, tx, lambda y, x, off=off: off + y * p + x)
+            parts.append((idx.reshape(-1, 4), w.reshape(-1, 4)))
+        parts.append(newline)
+    else:
+        geo = _anyres_geometry(item.image_size, cfg)
+        gw = geo.grid[1]
+        (r0, r1), (c0, c1), (out_h, out_w) = geo.rows, geo.cols, geo.out
+        h, w_ = r1 - r0, c1 - c0
+        ty = _identity_1d(h) if out_h == h else _bilinear_taps_1d_f64(h, out_h)
+        tx = _identity_1d(w_) if out_w == w_ else _bilinear_taps_1d_f64(w_, out_w)
+
+        def bank_index(y, x):
+            # Unpadded coords -> full (gh*P, gw*P) map -> grid crop (Y//P, X//P), which
+            # is slot crop_offset + 1 + (Y//P)*gw + X//P (slot crop_offset is the base).
+            yy, xx = y + r0, x + c0
+            slot = crop_offset + 1 + (yy // p) * gw + xx // p
+            return slot * npatch + (yy % p) * p + (xx % p)
+
+        idx, w = _taps_2d(ty, tx, bank_index)
+        # One newline column at the end of every output row (REFERENCE.md 3.5).
+        idx = np.concatenate([idx, np.broadcast_to(newline[0], (out_h, 1, 4))], axis=1)
+        w = np.concatenate([w, np.broadcast_to(newline[1], (out_h, 1, 4))], axis=1)
+        parts = [_copy_taps(base, npatch), (idx.reshape(-1, 4), w.reshape(-1, 4))]
+
+    idx = np.concatenate([a for a, _ in parts]).astype(np.int32)
+    w = np.concatenate([b for _, b in parts]).astype(np.float32)
+    return idx, w
+
+
+def row_layout(
+    items: Sequence[VisualItem], cfg: ModelConfig, num_crop_slots: int, crop_offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of several items whose crops are placed consecutively from `crop_offset`.
+
+    The bank has `num_crop_slots` crop slots, so newline_index = num_crop_slots*P*P.
+    Returns (idx int32[T_total, 4], w float32[T_total, 4]) concatenated in item order.
+    """
+    npatch = cfg.vision.num_patches
+    newline_index = num_crop_slots * npatch
+    crops = [num_crops(it, cfg) for it in items]
+    if crop_offset + sum(crops) > num_crop_slots:
+        raise ValueError(
+            f"items need {sum(crops)} crop slots from offset {crop_offset} but the row has "
+            f"only {num_crop_slots}"
+        )
+    parts, off = [], crop_offset
+    for it, n in zip(items, crops, strict=True):
+        parts.append(item_taps(it, cfg, off, newline_index))
+        off += n
+    if not parts:
+        return np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float32)
+    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+
+
+def _placeholder_id(item: VisualItem, cfg: ModelConfig) -> int:
+    return cfg.video_token_id if item.kind == "video" else cfg.image_token_id
+
+
+def place_taps(
+    tokens: np.ndarray,
+    items: Sequence[VisualItem],
+    cfg: ModelConfig,
+    num_crop_slots: int,
+    crop_offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spread the items' taps over their (already expanded) placeholder tokens.
+
+    tokens: int32[L]; placeholders are cfg.image_token_id (anyres/square/pad items) and
+    cfg.video_token_id (video items), consumed in item order like HF's masked_scatter.
+    Each item's placeholders must form one contiguous run.
+    Returns (vis_idx int32[L, 4], vis_w float32[L, 4]); text positions point at the zero
+    row (num_crop_slots*P*P + 1) with weight 0.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    npatch = cfg.vision.num_patches
+    zero_index = num_crop_slots * npatch + 1
+    is_img, is_vid = tokens == cfg.image_token_id, tokens == cfg.video_token_id
+    pos = np.flatnonzero(is_img | is_vid)
+
+    counts = [num_tokens(it, cfg) for it in items]
+    want_img = sum(c for it, c in zip(items, counts, strict=True) if it.kind != "video")
+    want_vid = sum(counts) - want_img
+    have_img, have_vid = int(is_img.sum()), int(is_vid.sum())
+    if (have_img, have_vid) != (want_img, want_vid):
+        raise ValueError(
+            f"placeholder count mismatch: tokens hold {have_img} image and {have_vid} video "
+            f"placeholders but the {len(items)} items need {want_img} image and {want_vid} "
+            f"video tokens ({[(it.kind, c) for it, c in zip(items, counts, strict=True)]})"
+        )
+    start = 0
+    for i, (it, c) in enumerate(zip(items, counts, strict=True)):
+        run = pos[start : start + c]
+        if not np.all(tokens[run] == _placeholder_id(it, cfg)):
+            raise ValueError(
+                f"item {i} ({it.kind}) expects {c} placeholders of id "
+                f"{_placeholder_id(it, cfg)} but the token stream has other placeholder ids "
+                "there: item order does not match the order of <image>/<video> tokens"
+            )
+        if c and run[-1] - run[0] != c - 1:
+            raise ValueError(
+                f"item {i} ({it.kind}) placeholders are not contiguous (positions "
+                f"{run[0]}..{run[-1]} for {c} tokens): expansion or truncation went wrong"
+            )
+        start += c
+
+    idx, w = row_layout(items, cfg, num_crop_slots, crop_offset)
+    vis_idx = np.full((tokens.shape[0], 4), zero_index, np.int32)
+    vis_w = np.zeros((tokens.shape[0], 4), np.float32)
+    vis_idx[pos], vis_w[pos] = idx, w
+    return vis_idx, vis_w

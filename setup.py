@@ -18,6 +18,8 @@ setup(
     packages=find_packages(include=["lov_jax", "lov_jax.*", "data_pipelines", "data_pipelines.*"]),
     install_requires=_reqs("requirements.txt"),
     extras_require={
+        # torch + transformers: HF parity, `lov-jax demo`, `check-parity` (never torchvision)
+        "hf": ["torch==2.13.0", "transformers==5.23.0"],
         "test": _reqs("requirements-test.txt"),
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda12]==0.10.2"],

@@ -1,0 +1,53 @@
+"""Prompt text and placeholder expansion (one `<image>`/`<video>` -> its exact token run)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lov_jax import visual_layout
+from lov_jax.config import ModelConfig
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+
+
+def chat_prompt(question: str, num_images: int = 0, num_videos: int = 0, system: str | None = None):
+    """One user turn + generation prompt, as llava-hf's chat template renders it.
+
+    Images first, then videos, then the text (REFERENCE.md 7.1); no system turn
+    unless given (the original LLaVA recipe always used "You are a helpful assistant.").
+    """
+    text = ""
+    if system is not None:
+        text += f"<|im_start|>system\n{system}<|im_end|>\n"
+    text += "<|im_start|>user\n"
+    text += f"{IMAGE_PLACEHOLDER}\n" * num_images + f"{VIDEO_PLACEHOLDER}\n" * num_videos
+    return text + f"{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def expand_placeholders(
+    ids: Sequence[int], items: Sequence[visual_layout.VisualItem], cfg: ModelConfig
+) -> np.ndarray:
+    """Replace the i-th placeholder id with `num_tokens(items[i])` copies of it.
+
+    Placeholders and items must agree in number and kind (`video` items go with
+    `cfg.video_token_id`, all others with `cfg.image_token_id`).
+    """
+    out: list[int] = []
+    remaining = list(items)
+    for pos, tok in enumerate(ids):
+        if tok not in (cfg.image_token_id, cfg.video_token_id):
+            out.append(int(tok))
+            continue
+        if not remaining:
+            raise ValueError(f"placeholder at token {pos} has no visual item left to fill it")
+        item = remaining.pop(0)
+        wanted = cfg.video_token_id if item.kind == "video" else cfg.image_token_id
+        if tok != wanted:
+            raise ValueError(f"placeholder at token {pos} is id {tok} but item is {item.kind!r}")
+        out += [int(tok)] * visual_layout.num_tokens(item, cfg)
+    if remaining:
+        raise ValueError(f"{len(remaining)} visual item(s) have no placeholder in the text")
+    return np.asarray(out, np.int32)

@@ -115,3 +115,19 @@ def test_rules_table_rejects_collisions():
         sharding.logical_to_spec(("not_an_axis",))
     with pytest.raises(ValueError, match="needs 6 devices"):
         sharding.make_mesh(data=3, fsdp=2, tensor=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "ov_7b"])
+def test_conversion_table_shapes_equal_model_params(preset):
+    from lov_jax.convert.hf_keys import param_shapes
+
+    cfg = config.preset(preset)
+    model_shapes = jax.tree.map(lambda x: tuple(x.shape), abstract_params(cfg, boxed=False))
+    table = param_shapes(cfg)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    assert jax.tree.structure(table, is_leaf=is_shape) == jax.tree.structure(
+        model_shapes, is_leaf=is_shape
+    )
+    assert jax.tree.leaves(table, is_leaf=is_shape) == jax.tree.leaves(
+        model_shapes, is_leaf=is_shape
+    )

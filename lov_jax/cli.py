@@ -1,0 +1,65 @@
+"""`lov-jax` console entry point: thin argument parsing over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subsystems that add their own subcommands: each module defines `add_commands(subparsers)`
+# and sets `func` on its parsers (thin wrappers over one library function each).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _demo(args) -> int:
+    from lov_jax.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def _check_parity(args) -> int:
+    from lov_jax.parity import check_parity
+
+    report = check_parity(
+        args.hf,
+        question=args.prompt,
+        image_paths=tuple(args.image),
+        video_path=args.video,
+        num_frames=args.num_frames,
+        atol=args.atol,
+        save_logits=args.save_logits,
+    )
+    print("\n".join(report.lines()))
+    return 0 if report.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lov-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="embedded end-to-end run on CPU")
+    demo.add_argument("--out", default="demo_out", help="working directory")
+    demo.set_defaults(func=_demo)
+
+    parity = sub.add_parser("check-parity", help="HF (PyTorch) vs lov_jax on the same raw inputs")
+    parity.add_argument("--hf", required=True, help="llava-hf style checkpoint directory")
+    parity.add_argument("--prompt", default="What is shown here?")
+    parity.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    parity.add_argument("--video", default=None, help="video file (mp4/webm/...)")
+    parity.add_argument("--num-frames", type=int, default=8)
+    parity.add_argument("--atol", type=float, default=1e-4)
+    parity.add_argument("--save-logits", default=None, help="write our logits + ids to this .npz")
+    parity.set_defaults(func=_check_parity)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

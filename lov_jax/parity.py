@@ -1,0 +1,194 @@
+"""`lov-jax check-parity`: HF processor + PyTorch model vs our preprocessing + JAX model.
+
+Both sides start from the same raw inputs (prompt text, image files, a video
+file). HF's video processor needs torchvision, which we never install, so for
+video both models get the frames from our preprocessing (REFERENCE.md 5.2: a
+plain bicubic resize per frame) and HF's `<video>` placeholder is expanded here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import image_processing, prompt, video
+from lov_jax import visual_layout
+from lov_jax.config import ModelConfig
+from lov_jax.models.llava_onevision import LlavaOnevision
+
+
+@dataclass
+class ParityReport:
+    num_tokens: int
+    tokens_equal: bool
+    pixels_max_abs_diff: float
+    logits_max_abs_diff: float
+    top1_agreement: float
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.tokens_equal and self.logits_max_abs_diff <= self.atol
+
+    def lines(self) -> list[str]:
+        return [
+            f"tokens: {self.num_tokens}, ids equal: {self.tokens_equal}",
+            f"pixels max-abs-diff: {self.pixels_max_abs_diff:.3g}",
+            f"logits max-abs-diff: {self.logits_max_abs_diff:.3g} (atol {self.atol:g})",
+            f"top-1 agreement: {self.top1_agreement:.4f}",
+            f"parity: {'PASS' if self.passed else 'FAIL'}",
+        ]
+
+
+def _load_images(paths):
+    from PIL import Image
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read image {p}: {err}") from err
+    return images
+
+
+def our_inputs(cfg: ModelConfig, tokenizer, question, images, frames):
+    """Token ids int32[T], crops uint8[N, S, S, 3] and visual items, from raw inputs."""
+    kind = "anyres" if len(images) == 1 else "pad"  # HF: >1 image per sample -> pad
+    crops, items = [], []
+    for image in images:
+        c, item = image_processing.preprocess(kind, image, cfg)
+        crops.append(c)
+        items.append(item)
+    if frames is not None:
+        crops.append(image_processing.video_frames(frames, cfg))
+        items.append(visual_layout.VisualItem(kind="video", num_frames=len(frames)))
+    text = prompt.chat_prompt(question, len(images), int(frames is not None))
+    ids = tokenizer.encode(text).ids
+    tokens = prompt.expand_placeholders(ids, items, cfg)
+    size = cfg.vision.image_size
+    crops = np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    return tokens, crops, items
+
+
+def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
+    """HF processor outputs (torch tensors) with the video placeholder expanded by hand."""
+    import torch
+
+    content = [{"type": "image"}] * len(images)
+    content += [{"type": "video"}] if frame_crops is not None else []
+    content += [{"type": "text", "text": question}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True
+    )
+    image_arg = None
+    if len(images) == 1:
+        image_arg = images
+    elif images:
+        image_arg = [images]  # nested: one sample with several images -> pad path
+    inputs = dict(processor(text=text, images=image_arg, return_tensors="pt"))
+    if frame_crops is not None:
+        ids = inputs["input_ids"][0].tolist()
+        item = visual_layout.VisualItem(kind="video", num_frames=len(frame_crops))
+        ids = _expand_video(ids, item, cfg)
+        inputs["input_ids"] = torch.tensor([ids])
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        x = frame_crops.astype(np.float32) * np.float32(1 / 255)
+        inputs["pixel_values_videos"] = torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))[
+            None
+        ]
+    return inputs
+
+
+def _expand_video(ids, item, cfg: ModelConfig) -> list[int]:
+    """HF's processor leaves `<video>` unexpanded without a video processor."""
+    out = []
+    for t in ids:
+        out += [t] * visual_layout.num_tokens(item, cfg) if t == cfg.video_token_id else [t]
+    return out
+
+
+def check_parity(
+    hf_dir: str | Path,
+    question: str = "What is shown here?",
+    image_paths: tuple[str, ...] = (),
+    video_path: str | None = None,
+    num_frames: int = 8,
+    atol: float = 1e-4,
+    save_logits: str | None = None,
+) -> ParityReport:
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from data_pipelines.hf_processor import load_hf_processor
+    from data_pipelines.tokenizer import load_tokenizer
+    from lov_jax.convert.safetensors_io import load_hf_checkpoint
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    hf_dir = Path(hf_dir)
+    cfg, params = load_hf_checkpoint(hf_dir, dtype="float32")
+    images = _load_images(image_paths)
+    frames = video.read_video(video_path, num_frames) if video_path else None
+
+    tokens, crops, items = our_inputs(cfg, load_tokenizer(hf_dir), question, images, frames)
+    frame_crops = crops[len(crops) - len(frames) :] if frames is not None else None
+    inputs = hf_inputs(load_hf_processor(hf_dir), cfg, question, images, frame_crops)
+
+    hf_ids = inputs["input_ids"][0].numpy()
+    tokens_equal = hf_ids.shape == tokens.shape and bool(np.all(hf_ids == tokens))
+    image_items = [it for it in items if it.kind != "video"]
+    pixels_diff = _pixel_diff(crops, inputs.get("pixel_values"), image_items, cfg)
+
+    model = LlavaOnevision(cfg)
+    n = len(tokens)
+    idx, w = visual_layout.place_taps(tokens, items, cfg, len(crops))
+    batch = {
+        "tokens": tokens[None], "positions": np.arange(n, dtype=np.int32)[None],
+        "segment_ids": np.ones((1, n), np.int32), "pixels": crops[None],
+        "vis_idx": idx[None], "vis_w": w[None],
+    }  # fmt: skip
+    ours = jax.jit(lambda p, b: model.apply({"params": p}, **b))(
+        jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, batch)
+    )
+    ours = np.asarray(ours)[0]
+
+    hf_model = LlavaOnevisionForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf_model.eval()(**inputs).logits[0].float().numpy()
+
+    report = ParityReport(
+        num_tokens=n,
+        tokens_equal=tokens_equal,
+        pixels_max_abs_diff=pixels_diff,
+        logits_max_abs_diff=float(np.max(np.abs(ours - ref)))
+        if ours.shape == ref.shape
+        else np.inf,
+        top1_agreement=float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+        if ours.shape == ref.shape
+        else 0.0,
+        atol=atol,
+    )
+    if save_logits:
+        np.savez(save_logits, logits=ours, input_ids=tokens, report=json.dumps(asdict(report)))
+    return report
+
+
+def _pixel_diff(our_crops, hf_pixels, image_items, cfg: ModelConfig) -> float:
+    """Max |ours - HF| over the real (unpadded) crops of every image (images come first)."""
+    if hf_pixels is None or not image_items:
+        return 0.0
+    hf = hf_pixels.numpy()  # [num_images, max_crops, 3, S, S]
+    ours = image_processing.normalize(our_crops)
+    diff, start = 0.0, 0
+    for i, item in enumerate(image_items):
+        n = visual_layout.num_crops(item, cfg)
+        ref = hf[i, :n].transpose(0, 2, 3, 1)
+        diff = max(diff, float(np.max(np.abs(ours[start : start + n] - ref))))
+        start += n
+    return diff

@@ -15,7 +15,9 @@ setup(
     version="0.1.0",
     description="LLaVA-OneVision (SigLIP + Qwen-2) in JAX/Flax for TPU pods and GPU clusters",
     python_requires=">=3.11",
-    packages=find_packages(include=["lov_jax", "lov_jax.*", "data_pipelines", "data_pipelines.*"]),
+    packages=find_packages(
+        include=["lov_jax", "lov_jax.*", "data_pipelines", "data_pipelines.*", "configs"]
+    ),
     install_requires=_reqs("requirements.txt"),
     extras_require={
         # torch + transformers: HF parity, `lov-jax demo`, `check-parity` (never torchvision)

@@ -82,23 +82,21 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def logical_axes_tree(boxed_params) -> dict:
-    """Tree of logical-name tuples from `nn.LogicallyPartitioned` params (abstract ok)."""
+def params_sharding(boxed_tree, mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXIS_RULES):
+    """NamedSharding tree for a tree of `nn.LogicallyPartitioned` leaves (abstract ok).
+
+    Works for params and for optimizer states built from boxed params (moments keep
+    their parameter's names); unboxed leaves (step counters) are replicated.
+    """
+
+    def to_sharding(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, logical_to_spec(x.names, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
     return jax.tree.map(
-        lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
-        boxed_params,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+        to_sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )
-
-
-def params_sharding(boxed_params, mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXIS_RULES):
-    """NamedSharding tree for (boxed) params, via the rules table."""
-    names = logical_axes_tree(boxed_params)
-
-    def to_sharding(n):
-        return NamedSharding(mesh, PartitionSpec() if n is None else logical_to_spec(n, rules))
-
-    return jax.tree.map(to_sharding, names, is_leaf=lambda x: x is None or isinstance(x, tuple))
 
 
 def activation_rules(rules: Sequence[tuple] = LOGICAL_AXIS_RULES):

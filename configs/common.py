@@ -1,0 +1,81 @@
+"""Shared pieces of the OneVision stage recipes (REFERENCE.md 8).
+
+Each stage file defines `get_config(preset)`; `lov-jax train --config
+configs/<stage>.py:<preset> --config.optim.lr=...` loads it and applies overrides.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("tiny", "ov_0_5b", "ov_7b", "ov_72b")
+
+
+def base_config(preset: str) -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.stage = ""
+    c.model = ml_collections.ConfigDict(
+        {
+            "preset": preset,
+            "dtype": "float32" if preset == "tiny" else "bfloat16",
+            "param_dtype": "float32",
+            "remat_policy": "none" if preset == "tiny" else "full",
+            "attention_impl": "xla",
+        }
+    )
+    # Initialise from an HF dir or an Orbax checkpoint (a previous stage's workdir).
+    c.init_from = ""
+    # num_devices < 0: every device; one axis may be -1 (whatever remains).
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": -1})
+
+    c.data = ml_collections.ConfigDict(
+        {
+            "train_path": "",  # json / jsonl / data yaml mixture
+            "image_folder": "",
+            "video_folder": "",
+            "template": "qwen",  # qwen | plain
+            "loss_mask": "llava_next",  # llava_next | assistant
+            "system_prompt": "You are a helpful assistant.",
+            "image_mode": "anyres",  # anyres | square (stage 1)
+            "frames_upbound": 32,
+            "seq_len": 32768,  # L tokens per row
+            "max_crops": 84,  # N crops per row (~L/400 on the OV mix)
+            "rows_per_host": 1,  # B rows per host per micro-batch
+            "num_workers": 0,
+            "skip_policy": "skip",
+            "seed": 0,
+        }
+    )
+    c.optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e-5,  # llm (and projector unless projector_lr is set)
+            "vision_lr": 2e-6,
+            "projector_lr": -1.0,  # < 0: same as lr (orig leaves mm_projector_lr unset)
+            "newline_group": "llm",  # orig: image_newline trains with the LLM group
+            "trainable": ("vision", "projector", "llm"),
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "warmup_ratio": 0.03,
+            "z_loss": 0.0,
+            "grad_accum": 1,
+            "max_consecutive_nonfinite": 5,
+        }
+    )
+    c.train = ml_collections.ConfigDict(
+        {
+            "epochs": 1,
+            "num_steps": -1,  # < 0: derived from the data size and epochs
+            "log_every": 1,
+            "ckpt_every": 1000,
+            "ckpt_keep": 3,
+            "ckpt_keep_period": 0,  # also keep every K-th step (0: off)
+            "loss_chunk": 1024,
+            "seed": 0,
+        }
+    )
+    return c

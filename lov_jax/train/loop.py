@@ -1,0 +1,166 @@
+"""The training loop: init or resume, step, log, checkpoint.
+
+The data side is any iterator of host batches (dicts of numpy arrays in the
+batch contract, [B, ...]) with `get_state()` / `set_state(state)` (JSON-able)
+so a resumed run continues the exact sample stream; `stats()` (optional)
+returns skip counters and budget fill for the logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from lov_jax import sharding
+from lov_jax.config import ModelConfig
+from lov_jax.train import checkpoint, metrics
+from lov_jax.train.step import Trainer, TrainState, stack_micro_batches
+
+
+class BatchIterator(Protocol):
+    def __next__(self) -> dict: ...
+    def get_state(self) -> Any: ...
+    def set_state(self, state: Any) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    losses: dict[int, float]  # optimizer step -> loss (this process's run only)
+    skipped_nonfinite: int
+    resumed_from: int | None
+    state: TrainState
+
+
+def run_training(
+    config,
+    cfg: ModelConfig,
+    workdir: str | Path,
+    data_iter: BatchIterator,
+    init_params: Callable[[], Any],
+    total_steps: int,
+    *,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `total_steps` optimizer steps (resuming from `workdir` if it has checkpoints).
+
+    `init_params()` is only called for a fresh run. `stop_after` ends this process
+    after that many steps of its own (tests of preemption), without a final save.
+    """
+    workdir = Path(workdir)
+    mesh_shape = dict(config.mesh)
+    num_devices = mesh_shape.pop("num_devices", -1)
+    devices = jax.devices()[:num_devices] if num_devices > 0 else None
+    mesh = sharding.make_mesh(**mesh_shape, devices=devices)
+    trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk)
+    manager = checkpoint.make_manager(
+        workdir, keep=config.train.ckpt_keep, keep_period=config.train.ckpt_keep_period
+    )
+    is_main = jax.process_index() == 0
+    writer = metrics.MetricWriter(workdir, enabled=is_main)
+
+    restored = checkpoint.restore_latest(manager, trainer.abstract_state())
+    if restored is None:
+        state = trainer.init_state(init_params())
+        start, resumed_from = 0, None
+    else:
+        step, params, opt_state, data_state = restored
+        state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
+                           opt_state=opt_state)  # fmt: skip
+        state = jax.device_put(state, trainer.state_sharding)
+        data_iter.set_state(data_state)
+        start, resumed_from = step, step
+
+    run_config = {"model": cfg.to_hf_config(), "stage": config.to_dict()}
+    peak = config.train.get("peak_flops_per_device", 0.0) or metrics.peak_flops(
+        jax.devices()[0].device_kind
+    )
+    accum = config.optim.grad_accum
+    losses: dict[int, float] = {}
+    skipped, in_a_row, done_here = 0, 0, 0
+    bar = _progress(total_steps, start, progress and is_main)
+    step = start
+    while step < total_steps:
+        host = stack_micro_batches([next(data_iter) for _ in range(accum)])
+        batch = _global_batch(host, trainer)
+        t0 = time.perf_counter()
+        state, out = trainer.step(state, batch)
+        out = jax.device_get(out)
+        seconds = time.perf_counter() - t0
+        lengths, crops, _ = metrics.batch_work(host)
+        n_proc = jax.process_count()
+        flops = metrics.step_flops(cfg, lengths, crops, config.optim.trainable) * n_proc
+        record = _step_record(out, host, seconds, flops, peak, data_iter)
+        if not bool(out["finite"]):
+            skipped += 1
+            in_a_row += 1
+            print(f"WARNING: non-finite loss/grad at step {step}: skipped ({skipped} so far)")
+            if in_a_row >= config.optim.max_consecutive_nonfinite:
+                raise NonFiniteLossError(f"{in_a_row} non-finite steps in a row at step {step}")
+            writer.write(step, {**record, "skipped_nonfinite": skipped})
+            continue  # the batch is consumed; the optimizer step is not counted
+        in_a_row = 0
+        losses[step] = float(out["loss"])
+        step += 1
+        done_here += 1
+        writer.write(step, {**record, "skipped_nonfinite": skipped})
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[step - 1]:.4f}")
+        if step % config.train.ckpt_every == 0 or step == total_steps:
+            checkpoint.save(manager, step, state, run_config, data_iter.get_state())
+        if stop_after is not None and done_here >= stop_after:
+            break
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    bar.close()
+    return TrainResult(step, losses, skipped, resumed_from, state)
+
+
+def _global_batch(host: dict, trainer: Trainer) -> dict:
+    """Host-local [A, B_local, ...] arrays -> global jax.Arrays sharded over (data, fsdp)."""
+    return {
+        k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+        for k, v in host.items()
+    }
+
+
+def _step_record(out, host, seconds, flops, peak, data_iter) -> dict:
+    tokens = int((host["segment_ids"] > 0).sum()) * jax.process_count()
+    record = {
+        "loss": float(out["loss"]),
+        "grad_norm": float(out["grad_norm"]),
+        "trained_tokens": float(out["trained_tokens"]),
+        "trained_token_fraction": float(out["trained_tokens"]) / max(tokens, 1),
+        "token_fill": float((host["segment_ids"] > 0).mean()),
+        "tokens_per_s": tokens / seconds,
+        "step_seconds": seconds,
+        "model_flops": flops,
+        "mfu": flops / (seconds * jax.device_count() * peak) if peak else None,
+        **{k: float(v) for k, v in out.items() if k.startswith("lr/")},
+    }
+    stats = getattr(data_iter, "stats", None)
+    if callable(stats):
+        record.update({f"data/{k}": v for k, v in stats().items() if _is_number(v)})
+    return record
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating)
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step")

@@ -1,0 +1,185 @@
+"""Train state and the sharded train step (gradient accumulation inside the step).
+
+Loss normalisation: CE is summed over every trained token of every micro-batch
+on every device, then divided once by the global count of trained tokens. So
+each token weighs the same however the step is split. LLaVA-NeXT instead takes
+a per-micro-batch, per-device mean and averages those means (HF Trainer with
+DeepSpeed), which over-weights tokens of short samples. With packing, rows
+hold unequal numbers of trained tokens, so the global token mean is the one
+that stays invariant to the packing and the mesh.
+
+Batch layout seen by the step: every array gets a leading micro-batch axis A
+(`optim.grad_accum`): tokens int32[A, B, L], pixels uint8[A, B, N, S, S, 3], ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lov_jax import sharding
+from lov_jax.config import ModelConfig
+from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
+from lov_jax.models.loss import chunked_cross_entropy
+from lov_jax.train import optimizer
+
+BATCH_KEYS = (
+    "tokens", "targets", "loss_mask", "segment_ids", "positions", "pixels", "vis_idx", "vis_w",
+)  # fmt: skip
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32[] optimizer steps applied (non-finite steps are not counted)
+    params: Any  # nested params, param_dtype (fp32 master weights)
+    opt_state: Any  # optimizer state over the trainable flat dict only
+
+
+def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float):
+    """(sum of masked CE, number of trained tokens) for one micro-batch [B, L]."""
+    hidden = module.hidden_states(
+        batch["tokens"], batch["positions"], batch["segment_ids"],
+        batch.get("pixels"), batch.get("vis_idx"), batch.get("vis_w"),
+    )  # fmt: skip
+    return chunked_cross_entropy(
+        hidden, module.head_kernel(), batch["targets"], batch["loss_mask"],
+        chunk_size=chunk, z_loss=z_loss,
+    )  # fmt: skip
+
+
+class Trainer:
+    """Builds the optimizer, shardings and the jitted step for one model + stage config."""
+
+    def __init__(self, cfg: ModelConfig, optim, mesh: Mesh, total_steps: int, loss_chunk: int):
+        self.cfg, self.optim, self.mesh = cfg, optim, mesh
+        self.model = LlavaOnevision(cfg)
+        self.loss_chunk = loss_chunk
+        boxed = abstract_params(cfg)  # ShapeDtypeStructs wrapped in LogicallyPartitioned
+        self.labels = optimizer.param_labels(_unbox(boxed), optim)
+        self.tx, self.schedules = optimizer.make_optimizer(optim, total_steps, self.labels)
+        trainable_boxed, _ = optimizer.split_params(boxed, self.labels)
+        abstract_opt = jax.eval_shape(self.tx.init, trainable_boxed)
+        self.state_sharding = TrainState(
+            step=NamedSharding(mesh, PartitionSpec()),
+            params=sharding.params_sharding(boxed, mesh),
+            opt_state=sharding.params_sharding(abstract_opt, mesh),
+        )
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=(0,),
+        )
+
+    # ---- state -------------------------------------------------------------------
+
+    def init_state(self, params) -> TrainState:
+        """Place params on the mesh and build a fresh optimizer state.
+
+        The step donates its state: device arrays passed here are consumed.
+        """
+        with self._context():
+            params = jax.device_put(params, self.state_sharding.params)
+            trainable, _ = optimizer.split_params(params, self.labels)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(
+                trainable
+            )
+            step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding.step)
+        return TrainState(step=step, params=params, opt_state=opt_state)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+        params = _unbox(abstract_params(self.cfg))
+        trainable, _ = optimizer.split_params(params, self.labels)
+        state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=params,
+            opt_state=jax.eval_shape(self.tx.init, trainable),
+        )
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            state,
+            self.state_sharding,
+        )
+
+    # ---- step --------------------------------------------------------------------
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step over a host batch with leading micro-batch axis A."""
+        with self._context():
+            return self._step(state, batch)
+
+    @contextlib.contextmanager
+    def _context(self):
+        with sharding.activation_rules(), jax.set_mesh(self.mesh):
+            yield
+
+    def _train_step(self, state: TrainState, batch: dict):
+        trainable, frozen = optimizer.split_params(state.params, self.labels)
+
+        def micro_loss(trainable_params, micro):
+            params = optimizer.merge_params(trainable_params, frozen)
+            return self.model.apply(
+                {"params": params}, micro, self.loss_chunk, self.optim.z_loss, method=loss_terms
+            )
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def accumulate(carry, micro):
+            grad_sum, loss_sum, count = carry
+            (loss, n), grads = grad_fn(trainable, micro)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + loss, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, batch)
+
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grad_sum)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = self.tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite step changes nothing (params, moments, step): it is skipped.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_params = optimizer.merge_params(keep(new_trainable, trainable), frozen)
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=new_params,
+            opt_state=keep(new_opt, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "trained_tokens": count,
+            "finite": finite,
+            **{f"lr/{g}": s(state.step) for g, s in self.schedules.items()},
+        }
+        return new_state, metrics
+
+
+def stack_micro_batches(batches: list[dict]) -> dict:
+    """[A] host batches of [B, ...] -> one batch of [A, B, ...] (numpy)."""
+    import numpy as np
+
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]

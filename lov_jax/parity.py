@@ -92,26 +92,23 @@ def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
         image_arg = images
     elif images:
         image_arg = [images]  # nested: one sample with several images -> pad path
-    inputs = dict(processor(text=text, images=image_arg, return_tensors="pt"))
-    if frame_crops is not None:
-        ids = inputs["input_ids"][0].tolist()
-        item = visual_layout.VisualItem(kind="video", num_frames=len(frame_crops))
-        ids = _expand_video(ids, item, cfg)
-        inputs["input_ids"] = torch.tensor([ids])
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        x = frame_crops.astype(np.float32) * np.float32(1 / 255)
-        inputs["pixel_values_videos"] = torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))[
-            None
-        ]
+    if frame_crops is None:
+        return dict(processor(text=text, images=image_arg, return_tensors="pt"))
+    # Without a video processor HF refuses `<video>`: process the text before it with
+    # the images, tokenize the rest alone (a special token splits BPE, so the ids are
+    # the same), and expand the video run to 196 * F + 1 here.
+    before, after = text.split("<video>", 1)
+    inputs = dict(processor(text=before, images=image_arg, return_tensors="pt"))
+    item = visual_layout.VisualItem(kind="video", num_frames=len(frame_crops))
+    ids = inputs["input_ids"][0].tolist() + [cfg.video_token_id] * visual_layout.num_tokens(
+        item, cfg
+    )
+    ids += processor.tokenizer(after, add_special_tokens=False)["input_ids"]
+    inputs["input_ids"] = torch.tensor([ids])
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    x = frame_crops.astype(np.float32) * np.float32(1 / 255)
+    inputs["pixel_values_videos"] = torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))[None]
     return inputs
-
-
-def _expand_video(ids, item, cfg: ModelConfig) -> list[int]:
-    """HF's processor leaves `<video>` unexpanded without a video processor."""
-    out = []
-    for t in ids:
-        out += [t] * visual_layout.num_tokens(item, cfg) if t == cfg.video_token_id else [t]
-    return out
 
 
 def check_parity(

@@ -8,7 +8,9 @@ import sys
 
 # Subsystems that add their own subcommands: each module defines `add_commands(subparsers)`
 # and sets `func` on its parsers (thin wrappers over one library function each).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "lov_jax.convert.commands",
+)
 
 
 def _demo(args) -> int:

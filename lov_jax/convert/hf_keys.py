@@ -419,3 +419,57 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> di
         y = flat[path] if layer is None else flat[path][layer]
         out[_hf_name(name, layer, layout)] = tf.to_hf(y)
     return out
+
+
+def hf_entries(
+    cfg: ModelConfig, layout: str = "hf"
+) -> Iterator[tuple[str, str, int | None, Transform]]:
+    """(HF name in `layout`, our path, layer or None, transform) for every tensor of `cfg`.
+
+    Same order as `params_to_hf`; all layers of one leaf are consecutive, so a writer
+    can stream leaf by leaf.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    for name, path, layer, tf in _entries(cfg):
+        yield _hf_name(name, layer, layout), path, layer, tf
+
+
+def check_hf_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> list[str]:
+    """Every problem `hf_to_params` would report that is visible from names + shapes alone.
+
+    Lets a converter refuse bad input before reading any tensor data (the tied-head
+    equality check still needs the data).
+    """
+    full = flatten(param_shapes(cfg))
+    errors: list[str] = []
+    filled: dict[tuple[str, int | None], str] = {}
+    for key, shape in shapes.items():
+        if _DROPPED.search(key):
+            continue
+        hit = lookup(key)
+        if hit is None:
+            errors.append(f"unknown key {key!r}")
+            continue
+        path, layer, tf = hit
+        at = "" if layer is None else f" layer {layer}"
+        if (path, layer) in filled:
+            errors.append(f"duplicate: {filled[path, layer]!r} and {key!r} both fill {path}{at}")
+            continue
+        filled[path, layer] = key
+        if path == _LM_HEAD and cfg.text.tie_word_embeddings:
+            t = full[_EMBED][::-1]  # a tied head must match the embedding
+        elif layer is not None and layer >= full[path][0]:
+            errors.append(f"{key!r}: layer {layer} out of range, config has {full[path][0]} layers")
+            continue
+        else:
+            t = full[path][1:] if layer is not None else full[path]
+        if tuple(shape) != tf.hf_shape(t):
+            errors.append(
+                f"shape mismatch {key!r}: expected {list(tf.hf_shape(t))}, got {list(shape)}"
+            )
+    for name, path, layer, _ in _entries(cfg):
+        if (path, layer) not in filled:
+            at = "" if layer is None else f" layer {layer}"
+            errors.append(f"missing {path}{at} (e.g. {_hf_name(name, layer, 'hf')!r})")
+    return errors

@@ -50,10 +50,19 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class _File:
-    """One .safetensors file: validated header, data mapped on first access."""
+    """One .safetensors file: validated header, data memory-mapped on first access.
 
-    def __init__(self, path: Path):
+    With `keep_pages=False` each `get` first drops the pages of the previously
+    returned tensor from this process (MADV_DONTNEED: harmless for a read-only file
+    mapping, a later access faults them in again). Touched pages of a mapping count
+    towards RSS for as long as it lives, which would double the peak of a
+    whole-checkpoint conversion; a pread copy instead costs ~2x the time here.
+    """
+
+    def __init__(self, path: Path, keep_pages: bool = True):
         self.path = path
+        self.keep_pages = keep_pages
+        self._last: tuple[int, int] | None = None
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
@@ -96,6 +105,12 @@ class _File:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         count = math.prod(shape)
+        if not self.keep_pages:
+            if self._last is not None:
+                self._mm.madvise(mmap.MADV_DONTNEED, *self._last)
+            lo = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            hi = self.start + begin + count * dtype.itemsize
+            self._last = (lo, hi - lo) if hi > lo else None
         x = np.frombuffer(self._mm, dtype=dtype, count=count, offset=self.start + begin)
         return x.reshape(shape)  # read-only view of the mapped file
 
@@ -125,11 +140,15 @@ class SafetensorsCheckpoint(Mapping):
         return self._where[name].path
 
 
-def read_safetensors(path: str | os.PathLike) -> SafetensorsCheckpoint:
-    """A `.safetensors` file, or a dir holding `model.safetensors.index.json` or one file."""
+def read_safetensors(path: str | os.PathLike, *, keep_pages: bool = True) -> SafetensorsCheckpoint:
+    """A `.safetensors` file, or a dir holding `model.safetensors.index.json` or one file.
+
+    Every shard's header is checked before raising, so one error lists all bad files.
+    `keep_pages=False`: only the latest tensor read stays resident (see `_File`).
+    """
     path = Path(path)
     if path.is_file():
-        f = _File(path)
+        f = _File(path, keep_pages)
         return SafetensorsCheckpoint({name: f for name in f.entries})
     index = path / INDEX_NAME
     if index.is_file():
@@ -141,13 +160,20 @@ def read_safetensors(path: str | os.PathLike) -> SafetensorsCheckpoint:
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shards that do not exist: {missing}")
-        opened = {s: _File(path / s) for s in shards}
+        opened, problems = {}, []
+        for s in shards:
+            try:
+                opened[s] = _File(path / s, keep_pages)
+            except CheckpointError as e:
+                problems.append(str(e))
+        if problems:
+            raise CheckpointError("\n".join(problems))
         absent = [f"{k!r} (in {s})" for k, s in weight_map.items() if k not in opened[s].entries]
         if absent:
             raise CheckpointError(f"{index}: tensors missing from their shard: {absent}")
         return SafetensorsCheckpoint({k: opened[s] for k, s in weight_map.items()})
     if (path / SINGLE_NAME).is_file():
-        return read_safetensors(path / SINGLE_NAME)
+        return read_safetensors(path / SINGLE_NAME, keep_pages=keep_pages)
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
 
 
@@ -204,19 +230,14 @@ def write_safetensors(
     return [out_dir / f for f in names]
 
 
-def load_hf_checkpoint(
-    hf_dir: str | os.PathLike, dtype: str | np.dtype | None = None
-) -> tuple[ModelConfig, dict]:
-    """HF LLaVA-OneVision dir (config.json + safetensors) -> (ModelConfig, numpy params).
+def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint) -> ModelConfig:
+    """ModelConfig from a config.json dict, with vocab size and tying read off the tensors.
 
     `text.vocab_size` comes from the embedding tensor, not config.json (the lmms-lab
     7B config lacks it, REFERENCE.md 1.3). When config.json has no tie flag, the
     model is tied iff the checkpoint has no lm_head tensor.
     """
-    hf_dir = Path(hf_dir)
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
     cfg = ModelConfig.from_hf_config(hf_cfg)
-    tensors = read_safetensors(hf_dir)
     canon = {canonical_name(k): k for k in tensors}
     text_over = {}
     embed = canon.get("text.embed_tokens.weight")
@@ -224,5 +245,15 @@ def load_hf_checkpoint(
         text_over["vocab_size"] = tensors.shape(embed)[0]
     if "tie_word_embeddings" not in hf_cfg.get("text_config", {}):
         text_over["tie_word_embeddings"] = "lm_head.weight" not in canon
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text_over))
+    return cfg.replace(text=dataclasses.replace(cfg.text, **text_over))
+
+
+def load_hf_checkpoint(
+    hf_dir: str | os.PathLike, dtype: str | np.dtype | None = None, *, keep_pages: bool = True
+) -> tuple[ModelConfig, dict]:
+    """HF LLaVA-OneVision dir (config.json + safetensors) -> (ModelConfig, numpy params)."""
+    hf_dir = Path(hf_dir)
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = read_safetensors(hf_dir, keep_pages=keep_pages)
+    cfg = hf_model_config(hf_cfg, tensors)
     return cfg, hf_to_params(tensors, cfg, dtype=dtype)

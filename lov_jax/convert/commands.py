@@ -1,0 +1,65 @@
+"""`lov-jax convert hf-to-orbax | orbax-to-hf`: thin flag parsing over import_hf / export."""
+
+from __future__ import annotations
+
+import sys
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _hf_to_orbax(args) -> int:
+    from lov_jax.convert.hf_keys import CheckpointError
+    from lov_jax.convert.import_hf import hf_to_orbax
+
+    try:
+        stats = hf_to_orbax(
+            args.hf, args.out, dtype=args.dtype, mesh=args.mesh, overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(stats.line(), flush=True)
+    return 0
+
+
+def _orbax_to_hf(args) -> int:
+    from lov_jax.convert.export import orbax_to_hf
+    from lov_jax.convert.hf_keys import CheckpointError
+
+    try:
+        stats = orbax_to_hf(
+            args.ckpt, args.out, step=args.step, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite, assets=args.assets,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(stats.line(), flush=True)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    convert = subparsers.add_parser("convert", help="HF safetensors <-> Orbax checkpoints")
+    sub = convert.add_subparsers(dest="convert_command", required=True)
+
+    a = sub.add_parser("hf-to-orbax", help="HF LLaVA-OneVision dir -> Orbax checkpoint")
+    a.add_argument("--hf", required=True, help="HF dir (llava-hf, transformers 5, or lmms-lab)")
+    a.add_argument("--out", required=True, help="new Orbax checkpoint directory")
+    a.add_argument("--dtype", choices=_DTYPES, default=None, help="cast (default: keep)")
+    a.add_argument("--mesh", default=None, help="place/save sharded, e.g. fsdp=4,tensor=2")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.set_defaults(func=_hf_to_orbax)
+
+    b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint or training run -> HF dir")
+    b.add_argument("--ckpt", required=True, help="converted checkpoint, run dir or step dir")
+    b.add_argument("--out", required=True, help="new HF directory")
+    b.add_argument("--step", type=int, default=None, help="training step (default: latest)")
+    b.add_argument("--dtype", choices=_DTYPES, default=None, help="cast (default: as stored)")
+    b.add_argument("--max-shard-size", default="5GB", help='e.g. "5GB", "500MB", "2GiB"')
+    b.add_argument("--assets", default=None, help="take tokenizer/processor files from here")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_orbax_to_hf)

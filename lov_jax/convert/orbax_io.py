@@ -1,0 +1,228 @@
+"""Orbax checkpoints of lov_jax params: the one layout conversion and training share.
+
+One checkpoint ("step directory") is an Orbax composite checkpoint:
+
+    <ckpt>/
+      _CHECKPOINT_METADATA   Orbax: item name -> handler
+      params/                PyTree item: the nested params dict in our layout
+                             (`hf_keys.param_shapes`: kernels [in, out], heads split,
+                             layers stacked on axis 0). OCDBT + zarr, saved without
+                             shardings required on restore: pass target shardings
+                             (`sharding.params_sharding`) and it restores onto any mesh.
+                             Training writes it with `ocp.args.StandardSave`, conversion
+                             with `PyTreeSave` (same files; no compression, no host copy).
+      config/                JSON item: {"model": ModelConfig.to_hf_config(), ...}
+                             (training adds "stage"); a bare config.json dict is read too.
+      assets/                optional plain files: tokenizer / processor / chat template /
+                             generation config (`io_utils.ASSET_FILES`), copied verbatim.
+      opt_state/, data_iter/ training only; ignored here.
+
+`lov-jax convert hf-to-orbax` writes exactly one such directory. A training run's
+`ocp.CheckpointManager` root holds one per step, `<root>/<step>/`, with the items
+named `params` and `config` (and others); `resolve_checkpoint` accepts a step dir,
+a manager root (latest step or an explicit one) or a workdir whose `checkpoints/`
+is a manager root. Assets are looked up in the step dir, then the manager root,
+then the workdir (training copies the tokenizer files to one of these).
+
+The vocabulary size and tying come from the stored shapes (embedding rows; an
+`lm_head` leaf or not), overriding the config (REFERENCE.md 1.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
+
+from lov_jax.config import ModelConfig
+from lov_jax.convert.hf_keys import CheckpointError, flatten, param_shapes, unflatten
+from lov_jax.convert.io_utils import copy_assets
+
+PARAMS, CONFIG, ASSETS = "params", "config", "assets"
+_EMBED = "language_model/embed_tokens/embedding"
+_LM_HEAD = "language_model/lm_head/kernel"
+_STEP = re.compile(r"^(?:.*_)?(\d+)$")  # "123" (Orbax default) or "<prefix>_123"
+
+
+def _params_handler() -> ocp.PyTreeCheckpointHandler:
+    # Orbax deep-copies numpy leaves before writing and zstd-compresses chunks; each
+    # costs a full extra copy of the params in RAM (measured 2-3x peak), and random
+    # or trained 16-bit weights barely compress. Our leaves are never mutated while saving.
+    reg = type_handler_registry.create_type_handler_registry(
+        *(
+            (ty, type_handlers.NumpyHandler(deepcopy_host_arrays=False) if ty is np.ndarray else h)
+            for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS
+        )
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=reg, use_compression=False)
+
+
+def config_json(cfg: ModelConfig) -> dict:
+    """The `config` item of a converted checkpoint (training adds its own keys)."""
+    return {"model": cfg.to_hf_config()}
+
+
+def save_checkpoint(
+    path: str | Path, params: Mapping, cfg: ModelConfig, assets_from: Path | None = None
+) -> Path:
+    """Write one step directory at `path` (must not exist). Leaves: numpy or jax arrays."""
+    path = Path(path).absolute()
+    handler = ocp.CompositeCheckpointHandler(
+        **{PARAMS: _params_handler(), CONFIG: ocp.JsonCheckpointHandler()}
+    )
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(
+            path,
+            ocp.args.Composite(
+                **{PARAMS: ocp.args.PyTreeSave(params), CONFIG: ocp.args.JsonSave(config_json(cfg))}
+            ),
+        )
+    copy_assets(assets_from, path / ASSETS)
+    return path
+
+
+# ---- locating a checkpoint -----------------------------------------------------------
+
+
+def _is_step_dir(p: Path) -> bool:
+    return (p / PARAMS).is_dir()
+
+
+def step_dirs(root: Path) -> dict[int, Path]:
+    """{step: dir} of committed steps in a CheckpointManager root (tmp dirs never match)."""
+    out = {}
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP.match(p.name)
+            if m and _is_step_dir(p):
+                out[int(m.group(1))] = p
+    return out
+
+
+def is_orbax_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return _is_step_dir(p) or bool(step_dirs(p)) or bool(step_dirs(p / "checkpoints"))
+
+
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """A step dir, a CheckpointManager root or a training workdir -> the step dir to read."""
+    p = Path(path).absolute()
+    if _is_step_dir(p):
+        if step is not None:
+            raise CheckpointError(f"{p} is a single checkpoint; --step {step} does not apply")
+        return p
+    for root in (p, p / "checkpoints"):
+        steps = step_dirs(root)
+        if not steps:
+            continue
+        if step is None:
+            return steps[max(steps)]
+        if step not in steps:
+            raise CheckpointError(f"{root}: no step {step}; available steps {sorted(steps)}")
+        return steps[step]
+    raise CheckpointError(
+        f"{p}: not an Orbax checkpoint (no {PARAMS}/ item, no step directories here or in "
+        "checkpoints/)"
+    )
+
+
+def find_assets(step_dir: Path) -> Path | None:
+    """The first `assets/` of: step dir, manager root, workdir (see module docstring)."""
+    for d in (step_dir, step_dir.parent, step_dir.parent.parent):
+        if (d / ASSETS).is_dir():
+            return d / ASSETS
+    return None
+
+
+# ---- reading -------------------------------------------------------------------------
+
+
+def param_metadata(step_dir: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{param path: (shape, dtype)} as stored, without reading any array data."""
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        tree = ckptr.metadata(step_dir / PARAMS).item_metadata.tree
+    return {
+        k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for k, m in flatten(tree).items()
+    }
+
+
+def read_config(step_dir: Path, meta: Mapping[str, tuple] | None = None) -> ModelConfig:
+    """ModelConfig from the `config` item, vocab size and tying from the stored shapes."""
+    if not (step_dir / CONFIG).is_dir():
+        raise CheckpointError(f"{step_dir}: no {CONFIG}/ item (the model config)")
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        stored = ckptr.restore(step_dir / CONFIG)
+    hf = stored.get("model", stored) if isinstance(stored, dict) else None
+    if not isinstance(hf, dict) or "text_config" not in hf:
+        raise CheckpointError(f"{step_dir / CONFIG}: no model config (expected a 'model' key)")
+    cfg = ModelConfig.from_hf_config(hf)
+    meta = param_metadata(step_dir) if meta is None else meta
+    over: dict[str, Any] = {"tie_word_embeddings": _LM_HEAD not in meta}
+    if _EMBED in meta:
+        over["vocab_size"] = meta[_EMBED][0][0]
+    return cfg.replace(text=dataclasses.replace(cfg.text, **over))
+
+
+def check_metadata(meta: Mapping[str, tuple], cfg: ModelConfig) -> list[str]:
+    """Every unexpected, missing or misshapen param leaf."""
+    want = flatten(param_shapes(cfg))
+    errors = [f"unexpected param {p}" for p in sorted(set(meta) - set(want))]
+    errors += [f"missing param {p}" for p in sorted(set(want) - set(meta))]
+    errors += [
+        f"shape mismatch {p}: expected {list(want[p])}, stored {list(meta[p][0])}"
+        for p in sorted(set(want) & set(meta))
+        if tuple(meta[p][0]) != tuple(want[p])
+    ]
+    return errors
+
+
+def restore_leaf(step_dir: Path, path: str, dtype: Any = None) -> np.ndarray:
+    """One param leaf as a host numpy array (Orbax partial restore: reads only that leaf)."""
+    item = unflatten({path: 0})
+    args = unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        tree = ckptr.restore(
+            step_dir / PARAMS,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+        )
+    return flatten(tree)[path]
+
+
+def restore_params(
+    step_dir: Path,
+    cfg: ModelConfig,
+    meta: Mapping[str, tuple],
+    *,
+    dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict:
+    """The params item: numpy arrays, or jax arrays laid out by our rules table on `mesh`.
+
+    `dtype` casts while reading (default: the stored dtype). Extra items of a training
+    step (optimizer state, iterator state) are never read.
+    """
+    if mesh is None:
+        args = {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype) for p in meta}
+        item = {p: 0 for p in meta}
+    else:
+        from lov_jax.models.llava_onevision import abstract_params
+        from lov_jax.sharding import params_sharding
+
+        shardings = flatten(params_sharding(abstract_params(cfg), mesh))
+        item = {
+            p: jax.ShapeDtypeStruct(shape, np.dtype(dtype or dt), sharding=shardings[p])
+            for p, (shape, dt) in meta.items()
+        }
+        args = ocp.checkpoint_utils.construct_restore_args(item)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        return ckptr.restore(
+            step_dir / PARAMS,
+            args=ocp.args.PyTreeRestore(item=unflatten(item), restore_args=unflatten(args)),
+        )

@@ -75,6 +75,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             "ckpt_keep": 3,
             "ckpt_keep_period": 0,  # also keep every K-th step (0: off)
             "loss_chunk": 1024,
+            # > 0: project only the first K trained positions of each row onto the vocab
+            # (exact; the loop refuses a row with more). 0: every position.
+            "loss_tokens_per_row": 0,
             "seed": 0,
         }
     )

@@ -131,3 +131,22 @@ def test_conversion_table_shapes_equal_model_params(preset):
     assert jax.tree.leaves(table, is_leaf=is_shape) == jax.tree.leaves(
         model_shapes, is_leaf=is_shape
     )
+
+
+def test_gathering_trained_positions_keeps_the_loss_exact():
+    from lov_jax.models.loss import gather_trained_positions
+
+    rng = np.random.default_rng(1)
+    b, length, h, v = 3, 40, 8, 30
+    hidden = jnp.asarray(rng.normal(size=(b, length, h)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(h, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, length)), jnp.int32)
+    mask = np.zeros((b, length), np.float32)
+    mask[0, [3, 9, 30]] = 1
+    mask[1, 10:16] = 1  # the fullest row: 6 trained tokens
+    full = chunked_cross_entropy(hidden, kernel, targets, jnp.asarray(mask), chunk_size=8)
+    gathered = gather_trained_positions(hidden, targets, jnp.asarray(mask), 6)
+    assert gathered[0].shape == (b, 6, h)
+    part = chunked_cross_entropy(gathered[0], kernel, gathered[1], gathered[2], chunk_size=8)
+    np.testing.assert_allclose(part[0], full[0], rtol=1e-6)
+    assert float(part[1]) == float(full[1]) == 9

@@ -55,3 +55,18 @@ def chunked_cross_entropy(
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
     return total, jnp.sum(ms)
+
+
+def gather_trained_positions(
+    hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keep the first `k` trained positions of every row (in order), for the loss only.
+
+    In VLM fine-tuning most positions are visual or prompt tokens with mask 0; the
+    vocab projection then only runs on [B, k] instead of [B, L]. Exact as long as no
+    row has more than k trained tokens: the caller checks that on the host
+    (`lov_jax.train.loop`), never truncating silently.
+    """
+    order = jnp.argsort(loss_mask <= 0, axis=-1, stable=True)[:, :k]  # trained first
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)  # noqa: E731
+    return take(hidden), take(targets), take(loss_mask)

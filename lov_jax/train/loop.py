@@ -63,7 +63,8 @@ def run_training(
     num_devices = mesh_shape.pop("num_devices", -1)
     devices = jax.devices()[:num_devices] if num_devices > 0 else None
     mesh = sharding.make_mesh(**mesh_shape, devices=devices)
-    trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk)
+    loss_tokens = config.train.get("loss_tokens_per_row", 0)
+    trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk, loss_tokens)
     manager = checkpoint.make_manager(
         workdir, keep=config.train.ckpt_keep, keep_period=config.train.ckpt_keep_period
     )
@@ -93,6 +94,7 @@ def run_training(
     step = start
     while step < total_steps:
         host = stack_micro_batches([next(data_iter) for _ in range(accum)])
+        _check_loss_budget(host, loss_tokens)
         batch = _global_batch(host, trainer)
         t0 = time.perf_counter()
         state, out = trainer.step(state, batch)
@@ -126,6 +128,16 @@ def run_training(
     writer.close()
     bar.close()
     return TrainResult(step, losses, skipped, resumed_from, state)
+
+
+def _check_loss_budget(host: dict, loss_tokens: int) -> None:
+    if loss_tokens:
+        most = int(host["loss_mask"].astype(bool).sum(-1).max())
+        if most > loss_tokens:
+            raise ValueError(
+                f"a row has {most} trained tokens > train.loss_tokens_per_row={loss_tokens}; "
+                "raise the limit (or set 0 to project every position)"
+            )
 
 
 def _global_batch(host: dict, trainer: Trainer) -> dict:

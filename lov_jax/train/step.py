@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lov_jax import sharding
 from lov_jax.config import ModelConfig
 from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
-from lov_jax.models.loss import chunked_cross_entropy
+from lov_jax.models.loss import chunked_cross_entropy, gather_trained_positions
 from lov_jax.train import optimizer
 
 BATCH_KEYS = (
@@ -42,25 +42,35 @@ class TrainState:
     opt_state: Any  # optimizer state over the trainable flat dict only
 
 
-def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float):
-    """(sum of masked CE, number of trained tokens) for one micro-batch [B, L]."""
+def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float, loss_tokens: int = 0):
+    """(sum of masked CE, number of trained tokens) for one micro-batch [B, L].
+
+    `loss_tokens > 0`: the vocab projection runs only on the first that many trained
+    positions of each row (the loop guarantees no row has more).
+    """
     hidden = module.hidden_states(
         batch["tokens"], batch["positions"], batch["segment_ids"],
         batch.get("pixels"), batch.get("vis_idx"), batch.get("vis_w"),
     )  # fmt: skip
+    targets, mask = batch["targets"], batch["loss_mask"]
+    if loss_tokens:
+        hidden, targets, mask = gather_trained_positions(hidden, targets, mask, loss_tokens)
     return chunked_cross_entropy(
-        hidden, module.head_kernel(), batch["targets"], batch["loss_mask"],
-        chunk_size=chunk, z_loss=z_loss,
-    )  # fmt: skip
+        hidden, module.head_kernel(), targets, mask, chunk_size=chunk, z_loss=z_loss
+    )
 
 
 class Trainer:
     """Builds the optimizer, shardings and the jitted step for one model + stage config."""
 
-    def __init__(self, cfg: ModelConfig, optim, mesh: Mesh, total_steps: int, loss_chunk: int):
+    def __init__(
+        self, cfg: ModelConfig, optim, mesh: Mesh, total_steps: int, loss_chunk: int,
+        loss_tokens_per_row: int = 0,
+    ):  # fmt: skip
         self.cfg, self.optim, self.mesh = cfg, optim, mesh
         self.model = LlavaOnevision(cfg)
         self.loss_chunk = loss_chunk
+        self.loss_tokens = loss_tokens_per_row
         boxed = abstract_params(cfg)  # ShapeDtypeStructs wrapped in LogicallyPartitioned
         self.labels = optimizer.param_labels(_unbox(boxed), optim)
         self.tx, self.schedules = optimizer.make_optimizer(optim, total_steps, self.labels)
@@ -128,7 +138,12 @@ class Trainer:
         def micro_loss(trainable_params, micro):
             params = optimizer.merge_params(trainable_params, frozen)
             return self.model.apply(
-                {"params": params}, micro, self.loss_chunk, self.optim.z_loss, method=loss_terms
+                {"params": params},
+                micro,
+                self.loss_chunk,
+                self.optim.z_loss,
+                self.loss_tokens,
+                method=loss_terms,
             )
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -1,0 +1,140 @@
+"""A small synthetic "shapes" dataset in LLaVA format (the demo's data).
+
+Tasks (answers are single words; chance level in brackets):
+  color      one shape on an image of varied size/aspect: its colour       [1/4]
+  position   one shape in the left or right half: which side               [1/2]
+  count      1-3 shapes: how many                                          [1/3]
+  compare    two images, one shape each: which image has colour X          [1/2]
+  motion     short mp4 of a shape moving left or right: which way          [1/2]
+Stage-1 captions ("A red circle.") come from the same single-shape images.
+Written as `train.json` / `test.json` (LLaVA records, media paths relative to
+the output folder) plus `captions.json` for stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+          "yellow": (230, 210, 40)}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+SIZES = ((384, 384), (300, 500), (500, 300), (256, 640), (420, 360))  # (H, W)
+COUNT_WORDS = ("one", "two", "three")
+TASKS = ("color", "position", "count", "compare", "motion")
+CHANCE = {"color": 1 / 4, "position": 1 / 2, "count": 1 / 3, "compare": 1 / 2, "motion": 1 / 2}
+
+
+def _draw(canvas: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color):
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        canvas.ellipse(box, fill=color)
+    elif shape == "square":
+        canvas.rectangle(box, fill=color)
+    else:
+        canvas.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+
+
+def _image(rng, shapes, size=None):
+    """A grey image with `shapes` = [(shape, color, side or None)]; returns PIL."""
+    h, w = size or SIZES[rng.integers(len(SIZES))]
+    img = Image.new("RGB", (w, h), (128, 128, 128))
+    canvas = ImageDraw.Draw(img)
+    r = min(h, w) * 0.14
+    slots = np.linspace(r * 1.3, w - r * 1.3, max(len(shapes), 1) + 2)[1:-1]
+    for i, (shape, color, side) in enumerate(shapes):
+        if side == "left":
+            cx = rng.uniform(r * 1.2, w / 2 - r * 1.2)
+        elif side == "right":
+            cx = rng.uniform(w / 2 + r * 1.2, w - r * 1.2)
+        else:
+            cx = slots[i]
+        cy = rng.uniform(r * 1.2, h - r * 1.2)
+        _draw(canvas, shape, cx, cy, r, COLORS[color])
+    return img
+
+
+def _motion_frames(rng, direction: str, frames: int = 4, h: int = 192, w: int = 256):
+    shape, color = SHAPES[rng.integers(3)], list(COLORS)[rng.integers(4)]
+    xs = np.linspace(0.2 * w, 0.8 * w, frames)
+    if direction == "left":
+        xs = xs[::-1]
+    cy, out = rng.uniform(0.3 * h, 0.7 * h), []
+    for x in xs:
+        img = Image.new("RGB", (w, h), (128, 128, 128))
+        _draw(ImageDraw.Draw(img), shape, x, cy, 0.15 * h, COLORS[color])
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def _record(rid, question, answer, image=None, video=None):
+    rec = {"id": rid, "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}  # fmt: skip
+    if image is not None:
+        rec["image"] = image
+    if video is not None:
+        rec["video"] = video
+    return rec
+
+
+def make_example(task: str, rng, out_dir: Path, rid: str) -> dict:
+    colors, media = list(COLORS), out_dir / "media"
+    if task == "motion":
+        from data_pipelines.video import write_video
+
+        direction = ("left", "right")[rng.integers(2)]
+        write_video(media / f"{rid}.mp4", _motion_frames(rng, direction), fps=4)
+        q = "<image>\nWhich way does the shape move, left or right?"
+        return _record(rid, q, direction, video=f"media/{rid}.mp4")
+    if task == "compare":
+        a, b = rng.choice(4, 2, replace=False)
+        first = bool(rng.integers(2))
+        target = colors[a] if first else colors[b]
+        for k, c in (("a", a), ("b", b)):
+            _image(rng, [(SHAPES[rng.integers(3)], colors[c], None)]).save(media / f"{rid}{k}.png")
+        q = f"<image>\n<image>\nWhich image shows the {target} shape, the first or the second?"
+        return _record(rid, q, "first" if first else "second",
+                       image=[f"media/{rid}a.png", f"media/{rid}b.png"])  # fmt: skip
+    if task == "count":
+        n = int(rng.integers(1, 4))
+        shapes = [(SHAPES[rng.integers(3)], colors[rng.integers(4)], None) for _ in range(n)]
+        _image(rng, shapes).save(media / f"{rid}.png")
+        q = "<image>\nHow many shapes are there? Answer one, two or three."
+        return _record(rid, q, COUNT_WORDS[n - 1], image=f"media/{rid}.png")
+    color = colors[rng.integers(4)]
+    side = ("left", "right")[rng.integers(2)] if task == "position" else None
+    shape = SHAPES[rng.integers(3)]
+    _image(rng, [(shape, color, side)]).save(media / f"{rid}.png")
+    if task == "position":
+        q = "<image>\nIs the shape on the left or the right?"
+        rec = _record(rid, q, side, image=f"media/{rid}.png")
+    else:
+        rec = _record(rid, "<image>\nWhat color is the shape?", color, image=f"media/{rid}.png")
+    rec["caption"] = f"A {color} {shape}."
+    return rec
+
+
+def make_shapes_dataset(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> dict:
+    """Write the dataset; returns {"train", "test", "captions"} json paths."""
+    out_dir = Path(out_dir)
+    (out_dir / "media").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        records = [make_example(TASKS[i % len(TASKS)], rng, out_dir, f"{split}{i:05d}")
+                   for i in range(n)]  # fmt: skip
+        for r, i in zip(records, range(n), strict=True):
+            r["task"] = TASKS[i % len(TASKS)]
+        splits[split] = records
+    captions = [
+        _record(r["id"] + "c", "<image>", r["caption"], image=r["image"])
+        for r in splits["train"] if "caption" in r
+    ]  # fmt: skip
+    paths = {}
+    for name, records in (*splits.items(), ("captions", captions)):
+        paths[name] = out_dir / f"{name}.json"
+        paths[name].write_text(json.dumps(records))
+    return paths

@@ -4,7 +4,8 @@ Layout of `workdir/checkpoints/<step>/` (one Orbax step directory per save):
     params     StandardSave of the nested params tree (fp32 master weights)
     opt_state  StandardSave of the optimizer state (trainable leaves only)
     config     JsonSave: {"model": ModelConfig.to_hf_config(), "stage": the stage ConfigDict}
-    data_iter  JsonSave: the data iterator's state (exact resume of the sample stream)
+    data_iter  JsonSave: {"process_count": P, "states": {"<process>": iterator state}},
+               gathered from every process when the save is issued (exact resume)
 The step number is the directory name. `lov-jax convert orbax-to-hf --ckpt workdir`
 reads `params` + `config` from the latest step. Saves are async; only committed
 steps are listed (Orbax writes to a temporary name and renames), and a step whose
@@ -39,7 +40,39 @@ def make_manager(workdir: str | Path, keep: int = 3, keep_period: int = 0, async
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(manager, step: int, state, config: dict, data_state: Any) -> None:
+def gather_data_states(local_state: Any) -> dict:
+    """Every process's iterator state, captured now (saves are async), keyed by process."""
+    import json
+
+    import numpy as np
+
+    blob = json.dumps(local_state).encode()
+    if jax.process_count() == 1:
+        return {"process_count": 1, "states": {"0": local_state}}
+    from jax.experimental import multihost_utils
+
+    sizes = multihost_utils.process_allgather(np.asarray([len(blob)]))
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: len(blob)] = np.frombuffer(blob, np.uint8)
+    blobs = multihost_utils.process_allgather(buf)
+    states = {
+        str(i): json.loads(bytes(blobs[i][: int(sizes[i][0])]).decode())
+        for i in range(jax.process_count())
+    }
+    return {"process_count": jax.process_count(), "states": states}
+
+
+def local_data_state(saved: dict) -> Any:
+    if saved["process_count"] != jax.process_count():
+        raise ValueError(
+            f"checkpoint data state was written by {saved['process_count']} processes, this "
+            f"run has {jax.process_count()}: the sample stream cannot resume exactly"
+        )
+    return saved["states"][str(jax.process_index())]
+
+
+def save(manager, step: int, state, config: dict, data_state: dict) -> None:
+    """`data_state` comes from `gather_data_states` (called on every process)."""
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -72,7 +105,8 @@ def restore_latest(manager, abstract_state):
                 "falling back to the previous step"
             )
             continue
-        return step, restored["params"], restored["opt_state"], restored["data_iter"]
+        data_state = local_data_state(restored["data_iter"])
+        return step, restored["params"], restored["opt_state"], data_state
     return None
 
 

@@ -120,7 +120,8 @@ def run_training(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[step - 1]:.4f}")
         if step % config.train.ckpt_every == 0 or step == total_steps:
-            checkpoint.save(manager, step, state, run_config, data_iter.get_state())
+            data_states = checkpoint.gather_data_states(data_iter.get_state())
+            checkpoint.save(manager, step, state, run_config, data_states)
         if stop_after is not None and done_here >= stop_after:
             break
     manager.wait_until_finished()

@@ -251,7 +251,24 @@ def tiny(**kw: Any) -> ModelConfig:
     return ModelConfig(vision=vision, text=text, **kw)
 
 
-PRESETS = {"ov_0_5b": ov_0_5b, "ov_7b": ov_7b, "ov_72b": ov_72b, "tiny": tiny}
+def demo(**kw: Any) -> ModelConfig:
+    """`lov-jax demo`'s CPU model: 112px crops (8x8 patches), so a whole OneVision
+    curriculum fits in minutes on 2 cores. Same code paths: anyres_max_9 over 36
+    pinpoints (multiples of 112), 2x2 bilinear video pooling (8x8 -> 4x4), newlines."""
+    vision = VisionConfig(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=112
+    )
+    text = TextConfig(
+        vocab_size=152000, hidden_size=64, intermediate_size=192, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+    )  # fmt: skip
+    pinpoints = tuple((112 * h, 112 * w) for h in range(1, 7) for w in range(1, 7))
+    return ModelConfig(
+        vision=vision, text=text, image_grid_pinpoints=pinpoints, video_pool_size=4, **kw
+    )
+
+
+PRESETS = {"ov_0_5b": ov_0_5b, "ov_7b": ov_7b, "ov_72b": ov_72b, "tiny": tiny, "demo": demo}
 
 
 def preset(name: str, **kw: Any) -> ModelConfig:

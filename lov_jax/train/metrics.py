@@ -7,7 +7,7 @@ FLOPs model (useful work only; padding and masked attention are not counted):
   * Causal attention per segment of length s, per LLM layer: QK^T and PV cost
     2 * 2 * s^2/2 * (heads * head_dim) forward (half the square is masked), same
     factors as above for the backward.
-  * Vision tower: N_vis per patch (729 per crop) plus full attention 2*2*729^2*D
+  * Vision tower: N_vis per patch (729 per 384px crop) plus full attention 2*2*729^2*D
     per layer per crop; projector N_proj per patch. A frozen tower runs forward
     only (no differentiated input), a frozen LLM still back-propagates activations.
 MFU = model FLOPs / (step seconds * devices * peak FLOP/s of the device).
@@ -77,7 +77,7 @@ def step_flops(cfg: ModelConfig, segment_lengths, num_crops: int, trainable) -> 
     return float(llm + proj_factor * n["projector"] * patches + vision)
 
 
-def batch_work(batch: dict) -> tuple[list[int], int, int]:
+def batch_work(batch: dict, patches_per_crop: int) -> tuple[list[int], int, int]:
     """(segment lengths, real crops, trained tokens) of a host batch [A, B, ...]."""
     seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
     lengths = []
@@ -89,7 +89,7 @@ def batch_work(batch: dict) -> tuple[list[int], int, int]:
     w = batch["vis_w"].reshape(idx.shape)
     crops = 0
     for r in range(idx.shape[0]):
-        used = idx[r][w[r] != 0] // 729
+        used = idx[r][w[r] != 0] // patches_per_crop
         crops += len(np.unique(used[used < n_crops]))
     return lengths, crops, int(batch["loss_mask"].sum())
 

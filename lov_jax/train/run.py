@@ -1,0 +1,123 @@
+"""`lov-jax train`: stage config -> model, tokenizer, data loader, then the loop."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lov_jax import config as model_config
+from lov_jax.config import ModelConfig
+from lov_jax.train.loop import TrainResult, run_training
+
+
+def model_from_config(config) -> tuple[ModelConfig, object]:
+    """(ModelConfig, params or None): from `init_from` (HF or Orbax) or the preset."""
+    overrides = {
+        "dtype": config.model.dtype,
+        "param_dtype": config.model.param_dtype,
+        "remat_policy": config.model.remat_policy,
+        "attention_impl": config.model.attention_impl,
+    }
+    if config.init_from:
+        from lov_jax.pretrained import load_pretrained
+
+        cfg, params = load_pretrained(config.init_from, dtype=config.model.param_dtype)
+        return cfg.replace(**overrides), params
+    return model_config.preset(config.model.preset, **overrides), None
+
+
+def load_tokenizer_for(config):
+    """The checkpoint's tokenizer.json if it has one, else the offline Qwen2 tokenizer."""
+    from data_pipelines.tokenizer import build_qwen2_tokenizer, load_tokenizer
+
+    if config.init_from:
+        for candidate in (Path(config.init_from), Path(config.init_from) / "assets"):
+            if (candidate / "tokenizer.json").exists():
+                return load_tokenizer(candidate)
+    return build_qwen2_tokenizer()
+
+
+def make_process_fn(config, cfg: ModelConfig, tokenizer):
+    from data_pipelines import chat, media, records
+
+    options = records.RecordOptions(
+        chat=chat.ChatOptions(
+            template=config.data.template,
+            loss_mask=config.data.loss_mask,
+            system_prompt=config.data.system_prompt or None,
+        ),
+        video=media.VideoOptions(frames_upbound=config.data.frames_upbound),
+        max_tokens=config.data.seq_len,
+        max_crops=config.data.max_crops,
+    )
+    return functools.partial(records.process_record, cfg=cfg, tokenizer=tokenizer, options=options)
+
+
+def make_data(config, cfg: ModelConfig, tokenizer):
+    """(records source, loader iterator) for config.data, repeating over epochs."""
+    from data_pipelines import loader, sources
+
+    data = config.data
+    recs = sources.open_source(
+        data.train_path, image_folder=data.image_folder or None,
+        video_folder=data.video_folder or None, seed=data.seed,
+    )  # fmt: skip
+    lc = loader.LoaderConfig(
+        batch_size=data.rows_per_host, max_tokens=data.seq_len, max_crops=data.max_crops,
+        seed=data.seed, num_epochs=None, num_workers=data.num_workers,
+        on_error=data.skip_policy, pad_id=151643,
+    )  # fmt: skip
+    it = loader.make_loader(recs, make_process_fn(config, cfg, tokenizer), cfg, lc)
+    return recs, it
+
+
+def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int:
+    """Optimizer steps for `train.epochs` passes, from packing a sample of the data.
+
+    Counts samples per packed row on up to 256 records (this process's share), so one
+    "epoch" is approximate; pass train.num_steps for an exact count.
+    """
+    from data_pipelines import loader, sources
+
+    data = config.data
+    recs = sources.open_source(data.train_path, image_folder=data.image_folder or None,
+                               video_folder=data.video_folder or None, seed=data.seed)  # fmt: skip
+    probe = min(256, len(recs))
+    lc = loader.LoaderConfig(
+        batch_size=1, max_tokens=data.seq_len, max_crops=data.max_crops, seed=data.seed,
+        num_epochs=1, on_error="skip", pad_id=151643,
+    )  # fmt: skip
+    subset = sources.SubsetSource(recs, np.arange(probe))
+    it = loader.make_loader(subset, make_process_fn(config, cfg, tokenizer), cfg, lc)
+    rows = sum(1 for _ in it)
+    per_row = probe / max(rows, 1)
+    per_step = per_row * data.rows_per_host * jax.process_count() * config.optim.grad_accum
+    return max(1, math.ceil(config.train.epochs * num_records / per_step))
+
+
+def train_from_config(config, workdir: str | Path, progress: bool = True) -> TrainResult:
+    from data_pipelines.hf_processor import save_hf_processor_files
+
+    workdir = Path(workdir)
+    cfg, params = model_from_config(config)
+    tokenizer = load_tokenizer_for(config)
+    if jax.process_index() == 0:  # tokenizer/processor files for `convert orbax-to-hf`
+        save_hf_processor_files(workdir / "assets", cfg, tokenizer)
+    recs, data_iter = make_data(config, cfg, tokenizer)
+    total = config.train.num_steps
+    if total <= 0:
+        total = estimate_steps(config, cfg, tokenizer, len(recs))
+
+    def init():
+        if params is not None:
+            return params
+        from lov_jax.models.llava_onevision import init_params
+
+        host = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(config.train.seed)))
+        return host
+
+    return run_training(config, cfg, workdir, data_iter, init, total, progress=progress)

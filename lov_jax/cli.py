@@ -10,9 +10,6 @@ import sys
 # and sets `func` on its parsers (thin wrappers over one library function each).
 COMMAND_MODULES: tuple[str, ...] = (
     "lov_jax.convert.commands",
-    "lov_jax.train.commands",
-    "lov_jax.inference.commands",
-    "lov_jax.eval.commands",
     "data_pipelines.commands",
 )
 
@@ -63,11 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -9,8 +9,8 @@ def _train(args) -> int:
 
     config = apply_overrides(load_config(args.config), args.overrides)
     result = train_from_config(config, args.workdir)
-    print(f"trained to step {result.final_step}; last loss "
-          f"{result.losses[max(result.losses)] if result.losses else float('nan'):.4f}")  # fmt: skip
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    print(f"trained to step {result.final_step}; last loss {last:.4f}")
     return 0
 
 

@@ -10,6 +10,7 @@ import sys
 # and sets `func` on its parsers (thin wrappers over one library function each).
 COMMAND_MODULES: tuple[str, ...] = (
     "lov_jax.convert.commands",
+    "lov_jax.train.commands",
     "data_pipelines.commands",
 )
 

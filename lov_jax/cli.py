@@ -11,6 +11,8 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "lov_jax.convert.commands",
     "lov_jax.train.commands",
+    "lov_jax.inference.commands",
+    "lov_jax.eval.commands",
     "data_pipelines.commands",
 )
 

@@ -3,6 +3,12 @@
 Differences from HF's layout: projection kernels are stored head-split
 (`q_proj.kernel: [H, N, Dh]`, `o_proj.kernel: [N, Dh, H]`) and layers are
 stacked on a leading axis; the converter reshapes/stacks.
+
+KV cache (generation, `lov_jax.inference`): the same modules and params with
+`kv_cache="prefill"` return every layer's post-RoPE keys/values, stacked like
+the params, and with `kv_cache="decode"` read/update a stacked cache
+`(k, v): dtype[L_layers, B, S_max, K, Dh]` that the layer scan slices per layer.
+The default `kv_cache="none"` is the training path, unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from lov_jax.models.attention import dot_product_attention
 from lov_jax.models.layers import RMSNorm, dense, scanned
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
+KV_CACHE_MODES = ("none", "prefill", "decode")
+# Logical names of a stacked cache tensor [L_layers, B, S_max, K, Dh].
+CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_heads", "head_dim")
 
 
 def rope_cos_sin(
@@ -40,26 +49,44 @@ class Qwen2Attention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    kv_cache: str = "none"  # one of KV_CACHE_MODES (module docstring)
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, kv_segment_ids=None, cache_index=None):
+        """x [B, T, H] -> [B, T, H]; with a kv_cache mode, (out, (k, v)) as the mode says.
+
+        decode: cache = (k, v) dtype[B, S_max, K, Dh]; the T new keys/values are written at
+        slot `cache_index` and queries (segment ids `segment_ids`) attend the whole cache
+        under `kv_segment_ids` int32[B, S_max] and causality from that slot.
+        """
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = dense((nh, hd), axes=("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x)
         k = dense((kv, hd), axes=("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
         v = dense((kv, hd), axes=("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, N|K, Dh]
-        out = dot_product_attention(
-            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-            impl=self.attention_impl,
-        )  # fmt: skip
+        if self.kv_cache == "decode":
+            k_cache, v_cache = cache  # [B, S_max, K, Dh]
+            update = jax.lax.dynamic_update_slice_in_dim
+            k = update(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = update(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            out = dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids=segment_ids,
+                kv_segment_ids=kv_segment_ids, causal=True, q_offset=cache_index, impl="xla",
+            )  # fmt: skip
+        else:
+            out = dot_product_attention(
+                q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                impl=self.attention_impl,
+            )  # fmt: skip
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", None)
         )
-        return dense(
+        out = dense(
             cfg.hidden_size, axes=("q_heads", "head_dim", "embed"), in_axes=(-2, -1),
             use_bias=False, name="o_proj", **kw,
         )(out)  # fmt: skip
+        return out if self.kv_cache == "none" else (out, (k, v))
 
 
 class Qwen2MLP(nn.Module):
@@ -84,18 +111,25 @@ class Qwen2DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    kv_cache: str = "none"
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, kv_segment_ids=None, cache_index=None):
+        """(x, None) on the training path; (x, (k, v)) with a kv_cache mode (scan outputs)."""
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        h = Qwen2Attention(cfg, **kw, attention_impl=self.attention_impl, name="self_attn")(
-            h, cos, sin, segment_ids
+        attn = Qwen2Attention(
+            cfg, **kw, attention_impl=self.attention_impl, kv_cache=self.kv_cache, name="self_attn"
         )
+        kv = None
+        if self.kv_cache == "none":
+            h = attn(h, cos, sin, segment_ids)
+        else:
+            h, kv = attn(h, cos, sin, segment_ids, cache, kv_segment_ids, cache_index)
         x = nn.with_logical_constraint(x + h, _ACT)
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
         h = Qwen2MLP(cfg, **kw, name="mlp")(h)
-        return nn.with_logical_constraint(x + h, _ACT), None
+        return nn.with_logical_constraint(x + h, _ACT), kv
 
 
 class Qwen2Model(nn.Module):
@@ -111,9 +145,12 @@ class Qwen2Model(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: str = "xla"
+    kv_cache: str = "none"  # "prefill" / "decode": use `forward_with_cache` (same params)
 
     def setup(self):
         cfg = self.cfg
+        if self.kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache {self.kv_cache!r} not in {KV_CACHE_MODES}")
         init = nn.with_logical_partitioning
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
@@ -122,16 +159,27 @@ class Qwen2Model(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=init(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        self.layers = scanned(
-            Qwen2DecoderLayer,
-            remat=self.remat,
-            length=cfg.num_layers,
-            name="layers",
-            cfg=cfg,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl,
-        )
+        layer_kw = {"cfg": cfg, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        if self.kv_cache == "decode":
+            # The stacked cache is scanned with the params (axis 0 = layer); the rest is shared.
+            self.layers = nn.scan(
+                Qwen2DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(name="layers", kv_cache="decode", **layer_kw)
+        else:
+            self.layers = scanned(
+                Qwen2DecoderLayer,
+                remat=self.remat,
+                length=cfg.num_layers,
+                name="layers",
+                attention_impl=self.attention_impl,
+                kv_cache=self.kv_cache,
+                **layer_kw,
+            )
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _HeadKernel(cfg.hidden_size, cfg.vocab_size, self.param_dtype)
@@ -144,6 +192,28 @@ class Qwen2Model(nn.Module):
         x = nn.with_logical_constraint(embeds.astype(self.dtype), _ACT)
         x, _ = self.layers(x, cos, sin, segment_ids)
         return self.norm(x)
+
+    def forward_with_cache(
+        self, embeds, positions, segment_ids, cache=None, kv_segment_ids=None, cache_index=None
+    ):
+        """Hidden states float[B, T, H] and the stacked keys/values, per `kv_cache` mode.
+
+        prefill: returns (hidden, (k, v)) with k, v dtype[L_layers, B, T, K, Dh]; segment_ids
+            int32[B, T] masks padding (0) as in `__call__`.
+        decode: cache (k, v) dtype[L_layers, B, S_max, K, Dh]; the T new tokens go to slots
+            cache_index..cache_index+T-1; kv_segment_ids int32[B, S_max] labels the slots
+            (0 = padding); returns (hidden, updated cache).
+        """
+        if self.kv_cache == "none":
+            raise ValueError("forward_with_cache needs kv_cache='prefill' or 'decode'")
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        x = nn.with_logical_constraint(embeds.astype(self.dtype), _ACT)
+        if self.kv_cache == "prefill":
+            x, kv = self.layers(x, cos, sin, segment_ids)
+        else:
+            x, kv = self.layers(x, cos, sin, segment_ids, cache, kv_segment_ids, cache_index)
+        kv = tuple(nn.with_logical_constraint(t, CACHE_AXES) for t in kv)
+        return self.norm(x), kv
 
     def head_kernel(self) -> jax.Array:
         """The output projection as float[H, V] (tied: embed_tokens transposed)."""

@@ -1,0 +1,1 @@
+"""Eval jobs: task files, lmms-eval metrics, a sharded, resumable runner."""

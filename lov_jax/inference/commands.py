@@ -1,0 +1,79 @@
+"""`lov-jax generate`: thin wrapper over `lov_jax.inference.api.generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lov_jax.config import ModelConfig
+
+
+def load_checkpoint(ckpt: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """(cfg, params) from an HF or Orbax dir (`lov_jax.load_pretrained`)."""
+    from lov_jax import load_pretrained
+
+    return load_pretrained(ckpt, dtype=dtype)
+
+
+def load_tokenizer_for(ckpt: str | Path):
+    """The checkpoint's tokenizer.json if it has one, else the offline Qwen2 tokenizer."""
+    from data_pipelines import tokenizer
+
+    if (Path(ckpt) / "tokenizer.json").is_file():
+        return tokenizer.load_tokenizer(ckpt)
+    return tokenizer.build_qwen2_tokenizer()
+
+
+def parse_mesh(spec: str | None):
+    """'data,fsdp,tensor' sizes (one may be -1) -> Mesh, or None for one device."""
+    if not spec:
+        return None
+    from lov_jax import sharding
+
+    data, fsdp, tensor = (int(x) for x in spec.split(","))
+    return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+
+
+def _generate(args) -> int:
+    from lov_jax.inference.api import generate
+
+    cfg, params = load_checkpoint(args.ckpt, args.dtype)
+    tok = load_tokenizer_for(args.ckpt)
+    request = (args.prompt, args.image, [args.video] if args.video else [])
+    texts, out = generate(
+        params, cfg, [request], tokenizer=tok, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        num_frames=args.num_frames, mesh=parse_mesh(args.mesh), return_output=True,
+    )  # fmt: skip
+    if args.json:
+        record = {
+            "prompt": args.prompt, "images": args.image, "video": args.video,
+            "text": texts[0], "token_ids": out.tokens[0], "stopped": out.stopped[0],
+            "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+        }  # fmt: skip
+        print(json.dumps(record))
+    else:
+        print(texts[0])
+    return 0
+
+
+def add_generate_args(p) -> None:
+    p.add_argument("--ckpt", required=True, help="HF (safetensors) or Orbax checkpoint dir")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    p.add_argument("--dtype", default=None, help="param dtype to load (default: as stored)")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,-1,2")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="answer a prompt about images / a video")
+    add_generate_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", default=None, help="video file")
+    p.add_argument("--json", action="store_true", help="print one JSON record")
+    p.set_defaults(func=_generate)

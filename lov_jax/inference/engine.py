@@ -1,0 +1,294 @@
+"""Prefill + KV-cache decode under `jax.jit`, with shape buckets and mesh sharding.
+
+A batch of prompts is LEFT padded to a prompt-length bucket P (REFERENCE.md 6.1:
+positions = cumsum(mask) - 1, padding masked through segment id 0) and its crops to a
+crop-count bucket N, so a long eval compiles once per (B, P, N, M) and not per sample.
+
+    prefill: tokens int32[B, P], pixels uint8[B, N, S, S, 3], vis_idx/vis_w [B, P, 4]
+             -> first-step logits float32[B, V], cache (k, v) dtype[L, B, P + M, K, Dh]
+    decode:  one `lax.while_loop` of single-token steps writing slot P + i - 1, until
+             every row has emitted a stop id or max_new_tokens are out: int32[B, M]
+
+M is the max-new-tokens bucket. Slots are labelled by `kv_segment_ids` int32[B, P + M]
+(the prompt's attention mask, then ones); decode queries carry segment 1 and attend
+causally from their slot, so padding is never attended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from lov_jax import sharding, visual_layout
+from lov_jax.config import ModelConfig
+from lov_jax.inference.sampling import sample_logits
+from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
+from lov_jax.models.qwen2 import CACHE_AXES, Qwen2Model
+
+PAD_ID = 151643  # <|endoftext|> (REFERENCE.md 10)
+EOS_ID = 151645  # <|im_end|>
+MAX_STOP_IDS = 8  # stop ids travel as a traced int32[8] (padded with -1): no recompiles
+MIN_LENGTH_BUCKET = 64
+MIN_NEW_TOKENS_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding knobs. temperature 0 = greedy; top_k 0 and top_p 1 disable the filters."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = (EOS_ID,)
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclasses.dataclass
+class PromptInputs:
+    """One prompt, host side: expanded token ids, its crops and visual items."""
+
+    tokens: np.ndarray  # int32[T], placeholders expanded
+    crops: np.ndarray  # uint8[n, S, S, 3]
+    items: list  # list[visual_layout.VisualItem], in placeholder order
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # per prompt: generated ids, up to and including a stop id
+    stopped: list[bool]  # whether the row ended on a stop id (else max_new_tokens)
+    first_logits: np.ndarray  # float32[B, V]: the prefill step's logits (parity checks)
+    prefill_s: float
+    decode_s: float
+    decode_steps: int  # single-token steps the decode loop ran (after the prefill token)
+    shapes: tuple[int, int, int, int]  # (B, P, N, M) actually compiled for
+
+
+def bucket(n: int, buckets: Sequence[int] | None, minimum: int) -> int:
+    """Smallest bucket >= n: from the given list, else a power of two >= minimum."""
+    if buckets:
+        for b in sorted(buckets):
+            if b >= n:
+                return int(b)
+        raise ValueError(f"{n} exceeds the largest bucket {max(buckets)}")
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def build_batch(
+    prompts: Sequence[PromptInputs],
+    cfg: ModelConfig,
+    *,
+    length: int,
+    num_crops: int,
+    batch_size: int,
+    pad_id: int = PAD_ID,
+) -> dict[str, np.ndarray]:
+    """Left-padded prefill arrays (batch contract names + `mask`); extra rows are all padding."""
+    size = cfg.vision.image_size
+    zero_row = num_crops * cfg.vision.num_patches + 1
+    batch = {
+        "tokens": np.full((batch_size, length), pad_id, np.int32),
+        "mask": np.zeros((batch_size, length), np.int32),
+        "pixels": np.zeros((batch_size, num_crops, size, size, 3), np.uint8),
+        "vis_idx": np.full((batch_size, length, 4), zero_row, np.int32),
+        "vis_w": np.zeros((batch_size, length, 4), np.float32),
+    }
+    for r, p in enumerate(prompts):
+        n, c = len(p.tokens), len(p.crops)
+        if n > length or c > num_crops:
+            raise ValueError(f"prompt {r}: {n} tokens / {c} crops exceed {length} / {num_crops}")
+        batch["tokens"][r, length - n :] = p.tokens
+        batch["mask"][r, length - n :] = 1
+        batch["pixels"][r, :c] = p.crops
+        if p.items:
+            idx, w = visual_layout.place_taps(batch["tokens"][r], p.items, cfg, num_crops)
+            batch["vis_idx"][r], batch["vis_w"][r] = idx, w
+    # HF GenerationMixin: cumsum(mask) - 1; padded entries are masked, their value is moot.
+    batch["positions"] = np.maximum(np.cumsum(batch["mask"], axis=1) - 1, 0).astype(np.int32)
+    return batch
+
+
+class Generator:
+    """Jitted prefill/decode for one model; reuse it across calls to reuse compilations.
+
+    params: the plain params tree (numpy or jax). With `mesh`, params are placed by the
+    rules table (heads over `tensor`, embed over `fsdp`) and batches over data x fsdp;
+    the batch is padded to a multiple of that size.
+    """
+
+    def __init__(
+        self,
+        params,
+        cfg: ModelConfig,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Sequence[tuple] = sharding.LOGICAL_AXIS_RULES,
+        length_buckets: Sequence[int] | None = None,
+        crop_buckets: Sequence[int] | None = None,
+        pad_id: int = PAD_ID,
+    ):
+        self.cfg = cfg = cfg.replace(remat_policy="none")
+        self.mesh, self.rules, self.pad_id = mesh, tuple(rules), pad_id
+        self.length_buckets, self.crop_buckets = length_buckets, crop_buckets
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.model = LlavaOnevision(cfg)
+        self.prefill_lm = Qwen2Model(cfg.text, dtype, pdtype, "none", cfg.attention_impl, "prefill")
+        self.decode_lm = Qwen2Model(cfg.text, dtype, pdtype, "none", "xla", "decode")
+        self.batch_multiple = 1
+        if mesh is None:
+            self.params = jax.tree.map(jnp.asarray, params)
+            self._data_sharding = None
+        else:
+            spec = sharding.logical_to_spec(("activation_batch",), self.rules)
+            self.batch_multiple = int(np.prod([mesh.shape[a] for a in _mesh_axes(spec[0])]))
+            self._data_sharding = NamedSharding(mesh, spec)
+            with self._context():
+                shardings = sharding.params_sharding(abstract_params(cfg), mesh, self.rules)
+                self.params = jax.device_put(params, shardings)
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
+        self._decode = jax.jit(
+            self._decode_impl, static_argnames=("greedy", "prompt_len"), donate_argnums=(2,)
+        )
+        self.compiled_shapes: set[tuple[int, int, int, int]] = set()
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(sharding.activation_rules(self.rules))
+        return stack
+
+    # ---- device functions ------------------------------------------------------------
+
+    def _prefill_impl(self, params, batch, *, cache_len: int):
+        embeds = self.model.apply(
+            {"params": params}, batch["tokens"], batch["pixels"], batch["vis_idx"],
+            batch["vis_w"], method="embed_inputs",
+        )  # fmt: skip
+        lm = {"params": params["language_model"]}
+        hidden, (k, v) = self.prefill_lm.apply(
+            lm, embeds, batch["positions"], batch["mask"], method="forward_with_cache"
+        )
+        # Left padding: the last column holds every row's last prompt token.
+        logits = self.prefill_lm.apply(lm, hidden[:, -1:], method="logits")[:, 0]
+        pad = [(0, 0), (0, 0), (0, cache_len - k.shape[2]), (0, 0), (0, 0)]
+        cache = tuple(nn.with_logical_constraint(jnp.pad(t, pad), CACHE_AXES) for t in (k, v))
+        return logits, cache
+
+    def _decode_impl(
+        self, params, logits0, cache, kv_segment_ids, next_pos, rng, temperature, top_k, top_p,
+        stop_ids, max_new, *, greedy: bool, prompt_len: int,
+    ):  # fmt: skip
+        lm = {"params": params["language_model"]}
+        b, slots = logits0.shape[0], kv_segment_ids.shape[1] - prompt_len
+        knobs = {"greedy": greedy, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        rng, key = jax.random.split(rng)
+        tok = sample_logits(logits0, key, **knobs)
+        out = jnp.full((b, slots), self.pad_id, jnp.int32).at[:, 0].set(tok)
+        done = jnp.isin(tok, stop_ids)
+        ones = jnp.ones((b, 1), jnp.int32)
+
+        def cond(state):
+            i, _, done, _, _, _ = state
+            return (i < max_new) & ~jnp.all(done)
+
+        def body(state):
+            i, tok, done, out, cache, rng = state
+            embeds = self.decode_lm.apply(lm, tok[:, None], method="embed")
+            positions = (next_pos + i - 1)[:, None]
+            hidden, cache = self.decode_lm.apply(
+                lm, embeds, positions, ones, cache, kv_segment_ids, prompt_len + i - 1,
+                method="forward_with_cache",
+            )  # fmt: skip
+            logits = self.decode_lm.apply(lm, hidden, method="logits")[:, 0]
+            rng, key = jax.random.split(rng)
+            new = jnp.where(done, self.pad_id, sample_logits(logits, key, **knobs))
+            out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)
+            return i + 1, new, done | jnp.isin(new, stop_ids), out, cache, rng
+
+        state = (jnp.int32(1), tok, done, out, cache, rng)
+        steps, _, _, out, cache, _ = jax.lax.while_loop(cond, body, state)
+        return out, steps - 1, cache  # the cache is returned so its donated buffer is reused
+
+    # ---- host API --------------------------------------------------------------------
+
+    def shapes_for(self, prompts: Sequence[PromptInputs], max_new_tokens: int):
+        """(B, P, N, M) buckets a batch of these prompts runs under."""
+        b = -(-len(prompts) // self.batch_multiple) * self.batch_multiple
+        p = bucket(max(len(x.tokens) for x in prompts), self.length_buckets, MIN_LENGTH_BUCKET)
+        crops = max(len(x.crops) for x in prompts)
+        n = 0 if crops == 0 else bucket(crops, self.crop_buckets, 1)
+        m = bucket(max_new_tokens, None, MIN_NEW_TOKENS_BUCKET)
+        return b, p, n, m
+
+    def generate(
+        self, prompts: Sequence[PromptInputs], gen: GenerationConfig = GenerationConfig()
+    ) -> GenerationOutput:
+        if not prompts:
+            raise ValueError("no prompts")
+        if len(gen.stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids")
+        if gen.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        b, p, n, m = self.shapes_for(prompts, gen.max_new_tokens)
+        self.compiled_shapes.add((b, p, n, m))
+        host = build_batch(
+            prompts, self.cfg, length=p, num_crops=n, batch_size=b, pad_id=self.pad_id
+        )
+        kv_seg = np.concatenate([host["mask"], np.ones((b, m), np.int32)], axis=1)
+        next_pos = host["mask"].sum(axis=1).astype(np.int32)
+        stop = np.full((MAX_STOP_IDS,), -1, np.int32)
+        stop[: len(gen.stop_ids)] = gen.stop_ids
+        with self._context():
+            batch = self._put(host)
+            t0 = time.perf_counter()
+            logits0, cache = self._prefill(self.params, batch, cache_len=p + m)
+            logits0.block_until_ready()
+            t1 = time.perf_counter()
+            out, steps, _ = self._decode(
+                self.params, logits0, cache, self._put(kv_seg), self._put(next_pos),
+                jax.random.key(gen.seed), jnp.float32(gen.temperature), jnp.int32(gen.top_k),
+                jnp.float32(gen.top_p), jnp.asarray(stop), jnp.int32(gen.max_new_tokens),
+                greedy=gen.greedy, prompt_len=p,
+            )  # fmt: skip
+            out = np.asarray(out)
+            t2 = time.perf_counter()
+        tokens, stopped = [], []
+        stop_set = set(gen.stop_ids)
+        for row in out[: len(prompts), : gen.max_new_tokens]:
+            hits = [i for i, t in enumerate(row) if int(t) in stop_set]
+            end = hits[0] + 1 if hits else len(row)
+            tokens.append([int(t) for t in row[:end]])
+            stopped.append(bool(hits))
+        return GenerationOutput(
+            tokens=tokens,
+            stopped=stopped,
+            first_logits=np.asarray(logits0)[: len(prompts)],
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+            decode_steps=int(steps),
+            shapes=(b, p, n, m),
+        )
+
+    def _put(self, tree):
+        if self._data_sharding is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree, self._data_sharding)
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)

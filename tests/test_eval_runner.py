@@ -1,0 +1,183 @@
+"""Eval runner: task files, bad-record accounting, 2-process sharding, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lov_jax.eval import runner
+from lov_jax.eval.tasks import BadRecord, load_task, read_records
+
+OPTS = ["dog", "cat", "bird", "fish"]
+
+
+def _records(media: Path):
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(media / "ok.png")
+    (media / "corrupt.png").write_bytes(b"not a png")
+    recs = [
+        {"id": "mc1", "question": "Which animal?", "image": "ok.png", "options": OPTS,
+         "answer": "B", "metric": "mc_accuracy"},
+        {"id": "mc2", "question": "Which animal? 2", "images": ["ok.png", "ok.png"],
+         "options": OPTS, "answer": "fish", "metric": "mc_accuracy", "parser": "mmmu"},
+        {"id": "vqa1", "question": "How many?", "image": "ok.png",
+         "answers": ["2"] * 2 + ["3"] * 8, "metric": "vqa_accuracy"},
+        {"id": "doc1", "question": "Title?", "answer": "hello", "metric": "anls"},
+        {"id": "chart1", "question": "Value?", "answer": "10", "metric": "relaxed_accuracy"},
+        {"id": "em1", "question": "Capital?", "answer": "Paris"},
+        {"id": "missing1", "question": "Where?", "image": "nope.png", "answer": "x"},
+        {"id": "noanswer", "question": "Where?"},
+        {"id": "corrupt1", "question": "What?", "image": "corrupt.png", "answer": "x"},
+    ]  # fmt: skip
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(5, "{not json")
+    return lines
+
+
+# What the fake model answers, by question prefix, and the resulting scores.
+ANSWERS = {
+    "Which animal? 2": "(D)",  # mmmu -> D = fish: 1
+    "Which animal?": "The answer is C",  # mmbench -> C != B: 0
+    "How many?": "two",  # -> "2": 2 of 10 -> 0.6
+    "Title?": "helo",  # anls 0.8
+    "Value?": "10.4",  # relaxed 1
+    "Capital?": "paris",  # exact match (ignore case) 1
+}
+
+
+class FakePredictor:
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = [], fail_after
+
+    def encode(self, request):
+        for p in request.images:
+            with Image.open(p) as im:
+                im.load()
+        return request
+
+    def predict(self, encoded, max_new_tokens):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("preempted")
+        self.calls += [r.id for r in encoded]
+        return [next(v for k, v in ANSWERS.items() if r.question.startswith(k)) for r in encoded]
+
+
+@pytest.fixture
+def task(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    data = tmp_path / "mix.jsonl"
+    data.write_text("\n".join(_records(media)) + "\n")
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(f"task: mix\ndata: {data.name}\nmedia_root: media\nmax_new_tokens: 8\n")
+    return spec
+
+
+def _stable(results):
+    return {k: v for k, v in results.items() if k != "config"}
+
+
+def test_task_records_and_bad_inputs(task):
+    spec = load_task(task)
+    recs = read_records(spec)
+    assert len(recs) == 10  # nothing dropped
+    bad = {r.id: r.reason for r in recs if isinstance(r, BadRecord)}
+    assert bad == {"missing1": "missing_media", "noanswer": "malformed_record",
+                   "mix:5": "malformed_record"}  # fmt: skip
+    mc = next(r for r in recs if r.id == "mc1")
+    assert "\nA. dog\nB. cat\nC. bird\nD. fish\nAnswer with the option's letter" in mc.question
+
+
+def test_run_eval_scores_and_reports(task, tmp_path):
+    out = tmp_path / "out"
+    logs = []
+    results = runner.run_eval([task], out, FakePredictor(), batch_size=2, log=logs.append)
+    res = results["results"]["mix"]
+    # bad records score 0 under their record's metric (default exact_match)
+    assert res["mc_accuracy,none"] == pytest.approx(0.5)
+    assert res["vqa_accuracy,none"] == pytest.approx(0.6)
+    assert res["anls,none"] == pytest.approx(0.8)
+    assert res["relaxed_accuracy,none"] == 1.0
+    assert res["exact_match,none"] == pytest.approx(1 / 5)  # em1 + 4 bad records
+    assert results["n-samples"]["mix"] == {"original": 10, "effective": 10}
+    bad = results["bad_records"]["mix"]
+    assert bad["count"] == 4 and set(bad["ids"]) == {"missing1", "noanswer", "mix:5", "corrupt1"}
+    assert bad["by_reason"] == {"missing_media": 1, "malformed_record": 2, "bad_media": 1}
+    assert any("corrupt1" in line and "bad_media" in line for line in logs)
+    rows = [json.loads(x) for x in (out / "samples_mix.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows][:3] == ["mc1", "mc2", "vqa1"]
+    assert {"id", "prompt", "prediction", "target", "score"} <= set(rows[0])
+    assert rows[0]["parsed"] == "C" and rows[0]["target"] == "B"
+    assert sum(r["n"] for r in results["table"]) == 10
+
+
+def test_two_process_shards_merge_to_single_process_result(task, tmp_path):
+    single = runner.run_eval([task], tmp_path / "one", FakePredictor(), log=lambda s: None)
+    spec, out = load_task(task), tmp_path / "two"
+    seen = []
+    for rank in (0, 1):
+        pred = FakePredictor()
+        runner.evaluate_shard(spec, pred, out, process_index=rank, process_count=2,
+                              log=lambda s: None)  # fmt: skip
+        seen.append(set(pred.calls))
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    agg = runner.aggregate_task(spec, runner.read_scored(out, "mix"))
+    merged = runner.write_outputs(out, [spec], [agg], "lov_jax", {})
+    assert _stable(merged) == _stable(single)
+    one = tmp_path / "one" / "samples_mix.jsonl"
+    assert (out / "samples_mix.jsonl").read_text() == one.read_text()
+
+
+def test_resume_after_preemption_gives_same_aggregate(task, tmp_path):
+    ref = runner.run_eval([task], tmp_path / "ref", FakePredictor(), batch_size=2,
+                          log=lambda s: None)  # fmt: skip
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval([task], out, FakePredictor(fail_after=2), batch_size=2,
+                        log=lambda s: None)  # fmt: skip
+    shard = runner.shard_path(out, "mix", 0, 1)
+    done = {json.loads(x)["id"] for x in shard.read_text().splitlines()}
+    assert 2 <= len(done) < 10
+    with shard.open("a") as f:
+        f.write(
+            '{"id": "torn',
+        )  # a write cut by the preemption
+    again = FakePredictor()
+    results = runner.run_eval([task], out, again, batch_size=2, log=lambda s: None)
+    assert not set(again.calls) & done  # nothing scored twice
+    assert results == ref
+    assert (out / "results.json").read_text() == (tmp_path / "ref" / "results.json").read_text()
+    # a third run scores nothing and changes nothing
+    idle = FakePredictor()
+    assert runner.run_eval([task], out, idle, log=lambda s: None) == ref and not idle.calls
+
+
+def test_eval_cli_with_tiny_model(tmp_path):
+    from hf_tiny import make_tiny_hf
+
+    from lov_jax import cli
+
+    hf_dir = make_tiny_hf(tmp_path / "hf", seed=0)
+    media = tmp_path / "m"
+    media.mkdir()
+    Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(media / "a.png")
+    recs = [
+        {"id": "a", "question": "Color?", "image": "m/a.png", "answer": "gray"},
+        {"id": "b", "question": "Pick", "options": OPTS, "answer": "A", "metric": "mc_accuracy"},
+        {"id": "c", "question": "Gone", "image": "m/zzz.png", "answer": "x"},
+    ]
+    data = tmp_path / "t.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "out"
+    argv = ["eval", "--ckpt", str(hf_dir), "--task", str(data), "--out", str(out),
+            "--batch-size", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n-samples"]["t"] == {"original": 3, "effective": 3}
+    assert results["bad_records"]["t"]["ids"] == ["c"]
+    rows = [json.loads(x) for x in (out / "samples_t.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert all(isinstance(r["prediction"], str) for r in rows[:2])

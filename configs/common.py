@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-PRESETS = ("tiny", "ov_0_5b", "ov_7b", "ov_72b")
+PRESETS = ("tiny", "demo", "ov_0_5b", "ov_7b", "ov_72b")
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
@@ -19,9 +19,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         {
             "preset": preset,
-            "dtype": "float32" if preset == "tiny" else "bfloat16",
+            "dtype": "float32" if preset in ("tiny", "demo") else "bfloat16",
             "param_dtype": "float32",
-            "remat_policy": "none" if preset == "tiny" else "full",
+            "remat_policy": "none" if preset in ("tiny", "demo") else "full",
             "attention_impl": "xla",
         }
     )

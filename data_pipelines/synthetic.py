@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
           "yellow": (230, 210, 40)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
-SIZES = ((384, 384), (300, 500), (500, 300), (256, 640), (420, 360))  # (H, W)
+# (H, W): varied sizes and aspect ratios -> anyres grids 2x2, 2x3, 3x2, 2x4, 3x2 at 112px crops
+SIZES = ((224, 224), (180, 300), (300, 180), (128, 360), (240, 200))
 COUNT_WORDS = ("one", "two", "three")
 TASKS = ("color", "position", "count", "compare", "motion")
 CHANCE = {"color": 1 / 4, "position": 1 / 2, "count": 1 / 3, "compare": 1 / 2, "motion": 1 / 2}

@@ -22,8 +22,9 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
           "yellow": (230, 210, 40)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
-# (H, W): varied sizes and aspect ratios -> anyres grids 2x2, 2x3, 3x2, 2x4, 3x2 at 112px crops
-SIZES = ((224, 224), (180, 300), (300, 180), (128, 360), (240, 200))
+# (H, W): varied sizes and aspect ratios -> anyres grids 1x2, 2x1, 1x2, 2x2, 2x2 at 112px
+# crops (unpadding on both axes); kept small so many samples fit a CPU step.
+SIZES = ((112, 168), (168, 112), (100, 220), (150, 150), (120, 200))
 COUNT_WORDS = ("one", "two", "three")
 TASKS = ("color", "position", "count", "compare", "motion")
 CHANCE = {"color": 1 / 4, "position": 1 / 2, "count": 1 / 3, "compare": 1 / 2, "motion": 1 / 2}
@@ -44,8 +45,11 @@ def _image(rng, shapes, size=None):
     h, w = size or SIZES[rng.integers(len(SIZES))]
     img = Image.new("RGB", (w, h), (128, 128, 128))
     canvas = ImageDraw.Draw(img)
-    r = min(h, w) * 0.14
-    slots = np.linspace(r * 1.3, w - r * 1.3, max(len(shapes), 1) + 2)[1:-1]
+    # Big shapes (the demo model is tiny and trains for minutes); several must fit side by
+    # side, and a left/right shape must fit in its half.
+    n = max(len(shapes), 1)
+    r = min(0.3 * min(h, w), 0.42 * w / (n + 1) if n > 1 else 0.2 * w)
+    slots = np.linspace(r * 1.3, w - r * 1.3, n + 2)[1:-1] if n > 1 else [w / 2]
     for i, (shape, color, side) in enumerate(shapes):
         if side == "left":
             cx = rng.uniform(r * 1.2, w / 2 - r * 1.2)

@@ -94,7 +94,7 @@ def write_eval_tasks(data: Path, out: Path) -> list[Path]:
     return paths
 
 
-def run_demo(out_dir: str | Path = "demo_out", n_train: int = 1000, n_test: int = 150) -> int:
+def run_demo(out_dir: str | Path = "demo_out", n_train: int = 1000, n_test: int = 250) -> int:
     from data_pipelines.synthetic import CHANCE, TASKS, make_shapes_dataset
     from data_pipelines.tokenizer import load_tokenizer
     from lov_jax.convert.export import orbax_to_hf

@@ -42,26 +42,10 @@ class SiglipVisionTower(nn.Module):
         x = nn.with_logical_constraint(embeddings(x), _ACT)
         encoder = _Encoder(cfg, self.dtype, self.param_dtype, self.remat, name="encoder")
         x = encoder(x)
-        # Created for exact checkpoint round trips; OneVision never applies it.
-        init = nn.with_logical_partitioning
-        width = (cfg.hidden_size,)
-        post = {
-            "scale": init(nn.initializers.ones_init(), ("norm",)),
-            "bias": init(nn.initializers.zeros_init(), ("norm",)),
-        }
-        _PostLayerNorm(post, width, self.param_dtype, name="post_layernorm")()
+        # post_layernorm exists only for exact checkpoint round trips: OneVision's features
+        # are taken before it. Its output is discarded here (and dead-code-eliminated).
+        LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x)
         return x
-
-
-class _PostLayerNorm(nn.Module):
-    inits: dict
-    shape: tuple[int, ...]
-    param_dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self) -> None:
-        for name, init in self.inits.items():
-            self.param(name, init, self.shape, self.param_dtype)
 
 
 class _Embeddings(nn.Module):

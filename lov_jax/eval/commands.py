@@ -6,10 +6,12 @@ from __future__ import annotations
 def _eval(args) -> int:
     import jax
 
+    from lov_jax.distributed import maybe_initialize
     from lov_jax.eval.runner import ModelPredictor, run_eval
     from lov_jax.inference.commands import load_checkpoint, load_tokenizer_for, parse_mesh
 
-    if args.distributed:
+    # multi-host: TPU pods, SLURM, LOV_JAX_* (no-op for one process); --distributed forces
+    if not maybe_initialize() and args.distributed:
         jax.distributed.initialize()
     cfg, params = load_checkpoint(args.ckpt, args.dtype)
     predictor = ModelPredictor(

@@ -35,7 +35,10 @@ def parse_mesh(spec: str | None):
 
 
 def _generate(args) -> int:
+    from lov_jax.distributed import maybe_initialize
     from lov_jax.inference.api import generate
+
+    maybe_initialize()  # multi-host: TPU pods, SLURM, LOV_JAX_* (no-op for one process)
 
     cfg, params = load_checkpoint(args.ckpt, args.dtype)
     tok = load_tokenizer_for(args.ckpt)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 
 def _train(args) -> int:
+    from lov_jax.distributed import maybe_initialize
     from lov_jax.train.config_loading import apply_overrides, load_config
     from lov_jax.train.run import train_from_config
 
+    maybe_initialize()  # multi-host: TPU pods, SLURM, LOV_JAX_* (no-op for one process)
     config = apply_overrides(load_config(args.config), args.overrides)
     result = train_from_config(config, args.workdir)
     last = result.losses[max(result.losses)] if result.losses else float("nan")

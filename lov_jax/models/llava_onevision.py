@@ -97,7 +97,8 @@ class LlavaOnevision(nn.Module):
 def init_params(cfg: ModelConfig, rng: jax.Array, *, boxed: bool = False):
     """Random params (tiny/tests); `boxed=True` keeps the LogicallyPartitioned metadata."""
     model = LlavaOnevision(cfg)
-    args = dummy_inputs(cfg)
+    # splash attention needs lengths that are multiples of 128
+    args = dummy_inputs(cfg, length=128 if cfg.attention_impl == "splash" else 8)
     variables = model.init(rng, *args)
     params = variables["params"]
     return params if boxed else nn.meta.unbox(params)

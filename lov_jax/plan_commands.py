@@ -1,0 +1,128 @@
+"""`lov-jax plan --config configs/<stage>.py:<preset> --topology v5p-512 [...]`.
+
+AOT-compiles the real train step for a TPU topology on this (CPU) host and prints
+per-chip HBM, compiled vs analytical FLOPs and a step-time estimate; see
+`lov_jax.plan`. Needs libtpu (`pip install -e .[tpu]`), not TPU hardware.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=-1,tensor=1' (any subset) -> {'data': 1, 'fsdp': -1, 'tensor': 1}."""
+    from lov_jax.plan import PlanError
+
+    mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in mesh:
+            raise PlanError(f"bad --mesh item {item!r}: expected data=N, fsdp=N or tensor=N")
+        try:
+            mesh[key] = int(value)
+        except ValueError as err:
+            raise PlanError(f"bad --mesh value {item!r}: not an integer") from err
+    return mesh
+
+
+def _plan(args) -> int:
+    import os
+
+    import jax
+
+    # The plan compiles for TPU through an AOT-only client; the host backend stays CPU
+    # (libtpu must not go looking for local TPU chips or a metadata server).
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    from lov_jax import plan
+    from lov_jax.train.config_loading import apply_overrides, load_config
+
+    try:
+        if not plan.libtpu_available():
+            raise plan.PlanError(plan.INSTALL_HINT)
+        config = apply_overrides(load_config(args.config), args.overrides)
+        mesh = parse_mesh(args.mesh)
+        common = dict(
+            attention=args.attention,
+            seq_len=args.seq_len,
+            max_crops=args.max_crops,
+            grad_accum=args.grad_accum,
+            sample_len=args.sample_len,
+            mfu=args.mfu,
+            shard_map_splash=not args.no_splash_shard_map,
+        )
+        if args.search:
+            print(f"searching meshes for {args.topology} (fsdp = remaining chips) ...")
+            fitting, rejected = plan.search(
+                config, args.topology, num_slices=args.num_slices, **common
+            )
+            if not fitting:
+                print("no configuration fits; rejected:")
+                for setting, why in rejected:
+                    print(f"  {setting}: {why}")
+                return 1
+            print("\nfitting configurations, best estimated throughput first:")
+            print(
+                f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'remat':<24} {'rows':>4} "
+                f"{'GiB/chip':>9} {'step s':>8} {'tokens/s':>12}"
+            )
+            for r in fitting:
+                d, f, t = r.mesh
+                print(
+                    f"{d:>5} {f:>5} {t:>6} {r.remat:<24} {r.rows_per_device:>4} "
+                    f"{r.total_bytes / plan.GIB:>9.2f} {r.step_seconds_compiled:>8.3f} "
+                    f"{r.tokens_per_second:>12,.0f}"
+                )
+            print("\nbest:")
+            print("\n".join(fitting[0].lines()))
+            return 0
+        result = plan.plan(
+            config, args.topology, **mesh, remat=args.remat,
+            rows_per_device=args.rows_per_device, num_slices=args.num_slices, **common,
+        )  # fmt: skip
+    except plan.DoesNotFit as err:
+        print(f"lov-jax plan: DOES NOT FIT: {err}", file=sys.stderr)
+        return 1
+    except plan.PlanError as err:
+        print(f"lov-jax plan: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(result.lines()))
+    return 0 if result.fits else 1
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="AOT-compile the train step for a TPU topology: HBM, FLOPs, step time",
+        description=(
+            "Compiles the real train step for a TPU topology on this host (needs libtpu: "
+            "pip install -e .[tpu]; no TPU). Topologies: v4-N / v5p-N (N TensorCores, 2 per "
+            "chip), v5e-N / v6e-N (N chips), or <gen>:<AxB[xC]>. Exit status 1 when the "
+            "plan does not fit in HBM. Overrides: --config.optim.grad_accum=4 ..."
+        ),
+    )
+    p.add_argument("--config", required=True, help="configs/<stage>.py:<preset>")
+    p.add_argument("--topology", required=True, help="e.g. v5p-512, v5e-16, v6e-256, v4-128")
+    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: data axis over DCN")
+    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="one axis may be -1")
+    p.add_argument(
+        "--remat", default=None, help="remat policy (default: the config's model.remat_policy)"
+    )
+    p.add_argument("--attention", default="splash", choices=("splash", "xla"))
+    p.add_argument(
+        "--no-splash-shard-map",
+        action="store_true",
+        help="lower splash exactly as the model calls it (fails on a sharded mesh today)",
+    )
+    p.add_argument("--rows-per-device", type=int, default=1, help="rows per data shard")
+    p.add_argument("--seq-len", type=int, default=None, help="default: config data.seq_len")
+    p.add_argument("--max-crops", type=int, default=None, help="default: config data.max_crops")
+    p.add_argument("--grad-accum", type=int, default=None, help="default: config optim")
+    p.add_argument(
+        "--sample-len", type=int, default=None,
+        help="tokens per packed sample for the analytical FLOPs (default: a whole row)",
+    )  # fmt: skip
+    p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation")
+    p.add_argument("--search", action="store_true", help="grid over tensor x remat x rows")
+    p.set_defaults(func=_plan, accepts_overrides=True)

@@ -7,37 +7,36 @@ import sys
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _hf_to_orbax(args) -> int:
+def _report(convert, *args, **kwargs) -> int:
+    """Run one conversion; print its summary line, or its one error (exit 1)."""
     from lov_jax.convert.hf_keys import CheckpointError
-    from lov_jax.convert.import_hf import hf_to_orbax
 
     try:
-        stats = hf_to_orbax(
-            args.hf, args.out, dtype=args.dtype, mesh=args.mesh, overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )  # fmt: skip
-    except (CheckpointError, ValueError) as e:
+        stats = convert(*args, **kwargs)
+    except (CheckpointError, ValueError) as e:  # CheckpointError lists every problem
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(stats.line(), flush=True)
     return 0
+
+
+def _hf_to_orbax(args) -> int:
+    from lov_jax.convert.import_hf import hf_to_orbax
+
+    return _report(
+        hf_to_orbax, args.hf, args.out, dtype=args.dtype, mesh=args.mesh,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
 
 
 def _orbax_to_hf(args) -> int:
     from lov_jax.convert.export import orbax_to_hf
-    from lov_jax.convert.hf_keys import CheckpointError
 
-    try:
-        stats = orbax_to_hf(
-            args.ckpt, args.out, step=args.step, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite, assets=args.assets,
-            progress=not args.no_progress,
-        )  # fmt: skip
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(stats.line(), flush=True)
-    return 0
+    return _report(
+        orbax_to_hf, args.ckpt, args.out, step=args.step, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, assets=args.assets,
+        progress=not args.no_progress,
+    )  # fmt: skip
 
 
 def add_commands(subparsers) -> None:

@@ -266,7 +266,6 @@ class PlanResult:
     mfu: float
     compile_s: float  # lowering + compiling
     lower_s: float = 0.0
-    splash_shard_map: bool = False  # the planner wrapped splash in shard_map
 
     @property
     def total_bytes(self) -> int:
@@ -315,8 +314,7 @@ class PlanResult:
         chips = self.topology.num_chips
         return [
             f"topology     {self.topology.describe()}",
-            f"model        {self.preset}  remat={self.remat}  attention={self.attention}"
-            + (" (wrapped in shard_map by the planner)" if self.splash_shard_map else ""),
+            f"model        {self.preset}  remat={self.remat}  attention={self.attention}",
             f"mesh         data={d} fsdp={f} tensor={t}",
             f"batch        {self.grad_accum} micro x {self.global_rows // self.grad_accum} rows "
             f"({self.rows_per_device}/data shard) x {self.seq_len} tokens, "
@@ -362,71 +360,17 @@ def _cfg_from_config(config, remat: str | None, attention: str):
     return cfg.replace(**kw)
 
 
-def shard_mapped_splash(kernel):
-    """Wrap a splash attention function in `jax.shard_map` over the context mesh.
-
-    Mosaic (Pallas TPU) kernels cannot be partitioned automatically: under a sharded
-    jit, `splash_attention` fails to lower ("Please wrap the call in a shard_map").
-    Each device runs the kernel on its own rows (batch over data x fsdp) and heads
-    (query and kv heads over tensor; both head counts must divide by it).
-    """
-    import jax
-    from jax.sharding import PartitionSpec as P
-
-    def wrapped(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, **kw):
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
-            return kernel(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **kw)
-        tensor = mesh.shape.get("tensor", 1)
-        if q.shape[2] % tensor or k.shape[2] % tensor:
-            raise PlanError(
-                f"splash under shard_map needs query heads ({q.shape[2]}) and kv heads "
-                f"({k.shape[2]}) divisible by tensor={tensor}"
-            )
-        heads = P(("data", "fsdp"), None, "tensor", None)
-        seg = P(("data", "fsdp"), None)
-        if q_segment_ids is None:
-            fn = lambda q, k, v: kernel(q, k, v, **kw)  # noqa: E731
-            return jax.shard_map(
-                fn, mesh=mesh, in_specs=(heads,) * 3, out_specs=heads, check_vma=False
-            )(q, k, v)
-
-        def fn(q, k, v, qs, ks):
-            return kernel(q, k, v, q_segment_ids=qs, kv_segment_ids=ks, **kw)
-
-        return jax.shard_map(
-            fn, mesh=mesh, in_specs=(heads, heads, heads, seg, seg), out_specs=heads,
-            check_vma=False,
-        )(q, k, v, q_segment_ids, kv_segment_ids)  # fmt: skip
-
-    return wrapped
-
-
 @contextlib.contextmanager
-def _tpu_kernels(shard_map_splash: bool):
-    """Lower Pallas kernels for TPU (not interpret mode) while the host backend is CPU."""
+def _tpu_kernels():
+    """Lower Pallas kernels for TPU (not interpret mode) while the host backend is CPU.
+
+    Only the mode changes: under the sharded mesh the model's splash attention runs in
+    `jax.shard_map` on its own (`lov_jax.models.splash`), as in `lov-jax train`.
+    """
     from lov_jax.models import splash
 
     kernel = functools.partial(splash.splash_attention, interpret=False)
-    if shard_map_splash:
-        kernel = shard_mapped_splash(kernel)
     with mock.patch.object(splash, "splash_attention", kernel):
-        yield
-
-
-@contextlib.contextmanager
-def _xla_init_shapes():
-    """Param shapes do not depend on the attention kernel, but `init` traces the model on
-    8-token dummy inputs, which splash rejects (T % 128): take the shapes from XLA."""
-    from lov_jax.models import llava_onevision
-    from lov_jax.train import step
-
-    original = llava_onevision.abstract_params
-
-    def shapes(cfg, **kw):
-        return original(cfg.replace(attention_impl="xla"), **kw)
-
-    with mock.patch.object(step, "abstract_params", shapes):
         yield
 
 
@@ -446,7 +390,6 @@ def plan(
     sample_len: int | None = None,
     mfu: float = 0.5,
     num_slices: int = 1,
-    shard_map_splash: bool = True,
     devices=None,
 ) -> PlanResult:
     """AOT-compile the train step of a stage config for a TPU topology; see module doc."""
@@ -470,12 +413,11 @@ def plan(
         raise PlanError(f"splash attention needs seq_len % 128 == 0, got {seq_len}")
     devices = topology_devices(topo) if devices is None else devices
     mesh = build_mesh(devices, shape)
-    with _xla_init_shapes():
-        trainer = Trainer(
-            cfg, config.optim, mesh, total_steps=1000, loss_chunk=config.train.loss_chunk,
-            loss_tokens_per_row=config.train.get("loss_tokens_per_row", 0),
-        )  # fmt: skip
-        state = trainer.abstract_state()
+    trainer = Trainer(
+        cfg, config.optim, mesh, total_steps=1000, loss_chunk=config.train.loss_chunk,
+        loss_tokens_per_row=config.train.get("loss_tokens_per_row", 0),
+    )  # fmt: skip
+    state = trainer.abstract_state()
     rows = rows_per_device * shape[0] * shape[1]  # B: rows sharded over (data, fsdp)
     size = cfg.vision.image_size
     a, b, n, length = accum, rows, max_crops, seq_len
@@ -502,7 +444,7 @@ def plan(
         )
     start = time.perf_counter()
     try:
-        with trainer._context(), _tpu_kernels(shard_map_splash):
+        with trainer._context(), _tpu_kernels():
             lowered = trainer._step.lower(state, batch)
             lower_s = time.perf_counter() - start
             compiled = lowered.compile()
@@ -512,16 +454,7 @@ def plan(
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             summary = " ".join(lines[:3])[:600]
             raise DoesNotFit(f"the TPU compiler reports the step does not fit: {summary}") from err
-        if not isinstance(err, NotImplementedError):
-            raise
-        if "shard_map" not in text:
-            raise
-        raise PlanError(
-            "the train step's splash attention cannot be lowered on a sharded mesh: Mosaic "
-            "kernels are not auto-partitioned and the model calls splash without shard_map. "
-            "Plan without --no-splash-shard-map (shard_mapped_splash wraps it as the fix "
-            "would) or with --attention xla."
-        ) from err
+        raise
     compile_s = time.perf_counter() - start
 
     mem = compiled.memory_analysis()
@@ -553,7 +486,6 @@ def plan(
         mfu=mfu,
         compile_s=compile_s,
         lower_s=lower_s,
-        splash_shard_map=attention == "splash" and shard_map_splash and mesh.size > 1,
     )
 
 

@@ -50,7 +50,6 @@ def _plan(args) -> int:
             grad_accum=args.grad_accum,
             sample_len=args.sample_len,
             mfu=args.mfu,
-            shard_map_splash=not args.no_splash_shard_map,
         )
         if args.search:
             print(f"searching meshes for {args.topology} (fsdp = remaining chips) ...")
@@ -110,11 +109,6 @@ def add_commands(sub) -> None:
         "--remat", default=None, help="remat policy (default: the config's model.remat_policy)"
     )
     p.add_argument("--attention", default="splash", choices=("splash", "xla"))
-    p.add_argument(
-        "--no-splash-shard-map",
-        action="store_true",
-        help="lower splash exactly as the model calls it (fails on a sharded mesh today)",
-    )
     p.add_argument("--rows-per-device", type=int, default=1, help="rows per data shard")
     p.add_argument("--seq-len", type=int, default=None, help="default: config data.seq_len")
     p.add_argument("--max-crops", type=int, default=None, help="default: config data.max_crops")

@@ -21,16 +21,29 @@ Masking is otherwise identical: segment ids are compared inside the kernel
 whose fully-masked blocks the kernel skips. Softmax statistics and the output
 accumulator are fp32.
 
+Under a mesh of more than one device (`jax.set_mesh`), the kernel runs inside
+`jax.shard_map`: Mosaic kernels cannot be partitioned by XLA ("Please wrap the call
+in a shard_map"). Each device attends its own rows and heads, placed by the rules
+table: B over `activation_batch` (data x fsdp), N and K over `activation_heads`
+(tensor; both head counts must divide by it). T and S stay whole on every device.
+
 Off TPU the kernel runs in Pallas interpret mode (`interpret=True`), which is
 correct but slow; it is meant for tests, not for CPU or GPU training.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+from jax.sharding import PartitionSpec as P
+
+from lov_jax import sharding
 
 # The kernel tiles q/kv blocks by the TPU lane width; every block size and
 # sequence length must be a multiple of it.
@@ -84,6 +97,9 @@ def splash_attention(
       interpret: run the Pallas kernel in interpret mode; default: off TPU only.
       block_sizes: kernel tiles; default `default_block_sizes(T, S)`.
 
+    Under a mesh of more than one device the kernel runs in `jax.shard_map` (module
+    docstring); a ValueError says so when the head counts do not divide the split.
+
     Returns:
       float[B, T, N, H] in q's dtype.
     """
@@ -109,6 +125,55 @@ def splash_attention(
     if block_sizes is None:
         block_sizes = default_block_sizes(t, s)
 
+    args = (q, k, v)
+    if q_segment_ids is not None:
+        as_int = lambda x: x.astype(jnp.int32)  # noqa: E731
+        args += (sk.SegmentIds(q=as_int(q_segment_ids), kv=as_int(kv_segment_ids)),)
+    local = functools.partial(
+        _splash_local, causal=causal, interpret=interpret, block_sizes=block_sizes
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(*args)
+    rows, heads = _mesh_split(mesh, b, n, kv_heads)
+    specs = (P(rows, None, heads, None),) * 3 + (sk.SegmentIds(q=P(rows), kv=P(rows)),)
+    # check_vma=False: the Pallas kernel's outputs carry no varying-axes annotation.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=specs[: len(args)], out_specs=specs[0], check_vma=False
+    )(*args)
+
+
+def _mesh_split(mesh, batch: int, heads: int, kv_heads: int):
+    """Mesh axes (rows, heads) the kernel's B and N/K dims are split over in shard_map.
+
+    From the active rules table (`sharding.activation_rules`, else the default one):
+    `activation_batch` for rows, `activation_heads` for heads. A batch that does not
+    divide (the 1-row dummy input of `init`) is replicated instead.
+    """
+    rules = nn.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
+    spec = sharding.logical_to_spec(("activation_batch", "activation_heads"), rules)
+
+    def present(entry) -> tuple[str, ...]:
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+
+    rows, head_axes = present(spec[0]), present(spec[1])
+    if batch % math.prod(mesh.shape[a] for a in rows):
+        rows = ()
+    split = math.prod(mesh.shape[a] for a in head_axes)
+    if heads % split or kv_heads % split:
+        raise ValueError(
+            f"splash attention on this mesh splits heads over {head_axes} ({split} ways): "
+            f"query heads ({heads}) and kv heads ({kv_heads}) must both divide by {split}; "
+            "use a smaller tensor axis or attention_impl='xla'"
+        )
+    return rows or None, head_axes or None
+
+
+def _splash_local(q, k, v, segment_ids=None, *, causal, interpret, block_sizes) -> jax.Array:
+    """The kernel on one device's q float[B, T, N, H], k/v float[B, S, K, H]."""
+    t, n, h = q.shape[1:]
+    s = k.shape[1]
     # Static mask, one per query head; the mask processing is numpy at trace time
     # and cached by the library.
     head_mask = sm.CausalMask((t, s)) if causal else sm.FullMask((t, s))
@@ -125,11 +190,8 @@ def splash_attention(
     q_nth = jnp.transpose(q, (0, 2, 1, 3))  # [B, N, T, H]
     k_ksh = jnp.transpose(k, (0, 2, 1, 3))  # [B, K, S, H]
     v_ksh = jnp.transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
-    if q_segment_ids is None:
+    if segment_ids is None:
         out = jax.vmap(kernel)(q_nth, k_ksh, v_ksh)
     else:
-        segment_ids = sk.SegmentIds(
-            q=q_segment_ids.astype(jnp.int32), kv=kv_segment_ids.astype(jnp.int32)
-        )
         out = jax.vmap(kernel)(q_nth, k_ksh, v_ksh, segment_ids)
     return jnp.transpose(out, (0, 2, 1, 3))  # [B, N, T, H] -> [B, T, N, H]

@@ -63,13 +63,15 @@ class Chip:
     dims: int  # torus dimensions
     hbm_bytes: int
     peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bandwidth: float  # bytes/s per chip
 
 
+# Per-chip figures from the Cloud TPU system architecture pages (v4, v5e, v5p, v6e).
 CHIPS = {
-    "v4": Chip("v4", "v4", "megacore", 2, 3, 32 * GIB, 275e12),
-    "v5e": Chip("v5e", "v5e", "default", 1, 2, 16 * GIB, 197e12),
-    "v5p": Chip("v5p", "v5p", "megacore", 2, 3, 95 * GIB, 459e12),
-    "v6e": Chip("v6e", "v6e", "default", 1, 2, 32 * GIB, 918e12),
+    "v4": Chip("v4", "v4", "megacore", 2, 3, 32 * GIB, 275e12, 1200e9),
+    "v5e": Chip("v5e", "v5e", "default", 1, 2, 16 * GIB, 197e12, 819e9),
+    "v5p": Chip("v5p", "v5p", "megacore", 2, 3, 95 * GIB, 459e12, 2765e9),
+    "v6e": Chip("v6e", "v6e", "default", 1, 2, 32 * GIB, 918e12, 1638e9),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}
 
@@ -235,13 +237,20 @@ def resolve_mesh(
     return tuple(shape)
 
 
-def build_mesh(devices, shape: tuple[int, int, int]):
-    from jax.sharding import AxisType, Mesh
+def build_mesh(devices, shape: tuple[int, int, int], num_slices: int = 1):
+    """The (data, fsdp, tensor) mesh `lov-jax train` builds on these devices.
 
-    from lov_jax.sharding import MESH_AXES
+    `shape` is global; with several slices the data axis spans them (DCN) and fsdp x
+    tensor stay inside each slice (`distributed.mesh_for_topology`, ICI-aware order).
+    """
+    from lov_jax.distributed import mesh_for_topology
 
-    grid = np.array(devices, dtype=object).reshape(shape)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    data, fsdp, tensor = shape
+    ici = {"data": data // num_slices, "fsdp": fsdp, "tensor": tensor}
+    try:
+        return mesh_for_topology(ici, num_slices, devices)
+    except (ValueError, NotImplementedError) as err:
+        raise PlanError(f"cannot lay mesh {shape} out on the topology: {err}") from err
 
 
 @dataclasses.dataclass
@@ -308,14 +317,13 @@ class PlanResult:
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-        d, f, t = self.mesh
         head = self.capacity_bytes - self.total_bytes
         ratio = self.compiled_flops / self.analytical_flops if self.analytical_flops else 0
         chips = self.topology.num_chips
         return [
             f"topology     {self.topology.describe()}",
             f"model        {self.preset}  remat={self.remat}  attention={self.attention}",
-            f"mesh         data={d} fsdp={f} tensor={t}",
+            f"mesh         {mesh_text(self.mesh, self.topology.num_slices)}",
             f"batch        {self.grad_accum} micro x {self.global_rows // self.grad_accum} rows "
             f"({self.rows_per_device}/data shard) x {self.seq_len} tokens, "
             f"{self.max_crops} crops/row = {self.tokens_per_step} tokens/step",
@@ -335,8 +343,8 @@ class PlanResult:
             f"  analytical {self.analytical_flops:.4g} (model FLOPs, one sample per row)",
             f"  ratio      {ratio:.3f} compiled/analytical",
             f"estimate at {100 * self.mfu:.0f}% MFU",
-            f"  step time  {_seconds(self.step_seconds)} (model FLOPs); "
-            f"{_seconds(self.step_seconds_compiled)} with remat recompute "
+            f"  step time  {format_seconds(self.step_seconds)} (model FLOPs); "
+            f"{format_seconds(self.step_seconds_compiled)} with remat recompute "
             f"(x{self.recompute_factor:.2f})",
             f"  tokens/s   {self.tokens_per_step / self.step_seconds:,.0f} "
             f"({self.tokens_per_step / self.step_seconds / chips:,.0f} per chip); "
@@ -344,11 +352,26 @@ class PlanResult:
         ]
 
 
-def _seconds(s: float) -> str:
+def out_of_memory(err: Exception, what: str) -> DoesNotFit | None:
+    """The TPU compiler's out-of-HBM error as DoesNotFit (else None)."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    summary = " ".join([ln.strip() for ln in text.splitlines() if ln.strip()][:3])[:600]
+    return DoesNotFit(f"the TPU compiler reports the {what} does not fit: {summary}")
+
+
+def mesh_text(mesh: tuple[int, int, int], num_slices: int) -> str:
+    d, f, t = mesh
+    dcn = f" ({num_slices} slices over DCN x {d // num_slices} in-slice)" if num_slices > 1 else ""
+    return f"data={d}{dcn} fsdp={f} tensor={t}"
+
+
+def format_seconds(s: float) -> str:
     return f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.3f} ms"
 
 
-def _cfg_from_config(config, remat: str | None, attention: str):
+def cfg_from_config(config, remat: str | None, attention: str):
     from lov_jax.train.run import model_from_config
 
     if config.init_from:
@@ -405,14 +428,14 @@ def plan(
         raise PlanError(f"mfu must be in (0, 1], got {mfu}")
     if rows_per_device < 1:
         raise PlanError(f"rows_per_device must be >= 1, got {rows_per_device}")
-    cfg = _cfg_from_config(config, remat, attention)
+    cfg = cfg_from_config(config, remat, attention)
     seq_len = seq_len or config.data.seq_len
     max_crops = config.data.max_crops if max_crops is None else max_crops
     accum = grad_accum or config.optim.grad_accum
     if attention == "splash" and seq_len % 128:
         raise PlanError(f"splash attention needs seq_len % 128 == 0, got {seq_len}")
     devices = topology_devices(topo) if devices is None else devices
-    mesh = build_mesh(devices, shape)
+    mesh = build_mesh(devices, shape, topo.num_slices)
     trainer = Trainer(
         cfg, config.optim, mesh, total_steps=1000, loss_chunk=config.train.loss_chunk,
         loss_tokens_per_row=config.train.get("loss_tokens_per_row", 0),
@@ -449,11 +472,8 @@ def plan(
             lower_s = time.perf_counter() - start
             compiled = lowered.compile()
     except Exception as err:
-        text = str(err)
-        if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            summary = " ".join(lines[:3])[:600]
-            raise DoesNotFit(f"the TPU compiler reports the step does not fit: {summary}") from err
+        if (oom := out_of_memory(err, "step")) is not None:
+            raise oom from err
         raise
     compile_s = time.perf_counter() - start
 

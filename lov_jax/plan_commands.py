@@ -2,7 +2,9 @@
 
 AOT-compiles the real train step for a TPU topology on this (CPU) host and prints
 per-chip HBM, compiled vs analytical FLOPs and a step-time estimate; see
-`lov_jax.plan`. Needs libtpu (`pip install -e .[tpu]`), not TPU hardware.
+`lov_jax.plan`. `--decode --batch B --cache-len C` plans the generation decode step
+instead (`lov_jax.plan_decode`). `--num-slices S` puts S slices on the data axis (DCN).
+Needs libtpu (`pip install -e .[tpu]`), not TPU hardware.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import sys
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=-1,tensor=1' (any subset) -> {'data': 1, 'fsdp': -1, 'tensor': 1}."""
+def parse_mesh(text: str, data: int = 1) -> dict[str, int]:
+    """'data=1,fsdp=-1,tensor=1' (any subset) -> {'data': 1, 'fsdp': -1, 'tensor': 1}.
+
+    Axes not given: data = `data` (the slice count), fsdp = -1, tensor = 1.
+    """
     from lov_jax.plan import PlanError
 
-    mesh = {"data": 1, "fsdp": -1, "tensor": 1}
+    mesh = {"data": data, "fsdp": -1, "tensor": 1}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in mesh:
@@ -42,7 +47,9 @@ def _plan(args) -> int:
         if not plan.libtpu_available():
             raise plan.PlanError(plan.INSTALL_HINT)
         config = apply_overrides(load_config(args.config), args.overrides)
-        mesh = parse_mesh(args.mesh)
+        mesh = parse_mesh(args.mesh, data=args.num_slices)
+        if args.decode:
+            return _decode(config, args, mesh)
         common = dict(
             attention=args.attention,
             seq_len=args.seq_len,
@@ -90,21 +97,43 @@ def _plan(args) -> int:
     return 0 if result.fits else 1
 
 
+def _decode(config, args, mesh: dict[str, int]) -> int:
+    from lov_jax import plan
+    from lov_jax.plan_decode import plan_decode
+
+    if args.batch is None or args.cache_len is None:
+        raise plan.PlanError("--decode needs --batch and --cache-len")
+    if args.search:
+        raise plan.PlanError("--search plans the train step; pass --mesh with --decode")
+    result = plan_decode(
+        config, args.topology, batch=args.batch, cache_len=args.cache_len,
+        new_tokens=args.new_tokens, param_dtype=args.param_dtype, num_slices=args.num_slices,
+        **mesh,
+    )  # fmt: skip
+    print("\n".join(result.lines()))
+    return 0 if result.fits else 1
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "plan",
-        help="AOT-compile the train step for a TPU topology: HBM, FLOPs, step time",
+        help="AOT-compile the train or decode step for a TPU topology: HBM, FLOPs, step time",
         description=(
-            "Compiles the real train step for a TPU topology on this host (needs libtpu: "
-            "pip install -e .[tpu]; no TPU). Topologies: v4-N / v5p-N (N TensorCores, 2 per "
-            "chip), v5e-N / v6e-N (N chips), or <gen>:<AxB[xC]>. Exit status 1 when the "
-            "plan does not fit in HBM. Overrides: --config.optim.grad_accum=4 ..."
+            "Compiles the real train step (or with --decode the KV-cache decode step) for a "
+            "TPU topology on this host (needs libtpu: pip install -e .[tpu]; no TPU). "
+            "Topologies: v4-N / v5p-N (N TensorCores, 2 per chip), v5e-N / v6e-N (N chips), "
+            "or <gen>:<AxB[xC]>; --num-slices for multi-slice. Exit status 1 when the plan "
+            "does not fit in HBM. Overrides: --config.optim.grad_accum=4 ..."
         ),
     )
     p.add_argument("--config", required=True, help="configs/<stage>.py:<preset>")
     p.add_argument("--topology", required=True, help="e.g. v5p-512, v5e-16, v6e-256, v4-128")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: data axis over DCN")
-    p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="one axis may be -1")
+    p.add_argument(
+        "--mesh", default="fsdp=-1",
+        help="data=N,fsdp=N,tensor=N (global sizes; one may be -1; data defaults to the "
+        "slice count, tensor to 1)",
+    )  # fmt: skip
     p.add_argument(
         "--remat", default=None, help="remat policy (default: the config's model.remat_policy)"
     )
@@ -119,4 +148,10 @@ def add_commands(sub) -> None:
     )  # fmt: skip
     p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation")
     p.add_argument("--search", action="store_true", help="grid over tensor x remat x rows")
+    g = p.add_argument_group("decode step (the KV-cache generation loop of generate/eval)")
+    g.add_argument("--decode", action="store_true", help="plan the decode step, not training")
+    g.add_argument("--batch", type=int, default=None, help="rows decoded together")
+    g.add_argument("--cache-len", type=int, default=None, help="KV-cache slots: prompt + new")
+    g.add_argument("--new-tokens", type=int, default=128, help="of the cache slots")
+    g.add_argument("--param-dtype", default="bfloat16", help="serving weight dtype")
     p.set_defaults(func=_plan, accepts_overrides=True)

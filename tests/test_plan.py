@@ -1,6 +1,7 @@
-"""`lov-jax plan`: topology names, mesh errors, and an AOT TPU compile of the tiny preset.
+"""`lov-jax plan`: topology names, mesh errors, and AOT TPU compiles of the tiny preset
+(train step with splash, two slices, the generation decode step).
 
-The compile test needs libtpu (`pip install -e .[tpu]`), not TPU hardware; it is
+The compile tests need libtpu (`pip install -e .[tpu]`), not TPU hardware; they are
 skipped with that reason when libtpu is not installed.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from lov_jax import plan, plan_commands
+from lov_jax import plan, plan_commands, plan_decode
 from lov_jax.train.config_loading import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,20 +73,34 @@ def test_mesh_resolution_and_errors():
 
 def test_parse_mesh_flag():
     assert plan_commands.parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
+    assert plan_commands.parse_mesh("tensor=2", data=2)["data"] == 2  # data = slice count
     with pytest.raises(plan.PlanError):
         plan_commands.parse_mesh("pipeline=2")
 
 
-def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "libtpu_available", lambda: False)
+def _run_cli(*flags: str) -> int:
     parser = argparse.ArgumentParser()
     plan_commands.add_commands(parser.add_subparsers())
-    args = parser.parse_args(
-        ["plan", "--config", "configs/stage2_ov.py:tiny", "--topology", "v5e-8"]
-    )
+    args = parser.parse_args(["plan", "--config", "configs/stage2_ov.py:tiny", *flags])
     args.overrides = []
-    assert args.func(args) == 2
+    return args.func(args)
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "libtpu_available", lambda: False)
+    assert _run_cli("--topology", "v5e-8") == 2
     assert "pip install -e .[tpu]" in capsys.readouterr().err
+
+
+def test_decode_plan_errors(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "libtpu_available", lambda: True)
+    assert _run_cli("--topology", "v5e-8", "--decode", "--cache-len", "256") == 2
+    assert "--decode needs --batch and --cache-len" in capsys.readouterr().err
+    # Checked before libtpu or the model are touched.
+    with pytest.raises(plan.PlanError, match="multiple of data x fsdp = 4"):
+        plan_decode.plan_decode(tiny_config(), "v5e-8", tensor=2, batch=6, cache_len=256)
+    with pytest.raises(plan.PlanError, match=r"tensor=4 must divide the query \(6\)"):
+        plan_decode.plan_decode(tiny_config(), "v5e-8", tensor=4, batch=2, cache_len=256)
 
 
 @needs_libtpu
@@ -115,3 +130,34 @@ def test_preset_that_cannot_fit_at_all():
     config = load_config(f"{ROOT}/configs/stage2_ov.py:ov_72b")
     with pytest.raises(plan.DoesNotFit, match="cannot fit on v5e-4 at all"):
         plan.plan(config, "v5e-4", seq_len=1024, max_crops=1)
+
+
+@needs_libtpu
+def test_two_slices_put_data_over_dcn():
+    topo = plan.parse_topology("v5e-4", num_slices=2)
+    mesh = plan.build_mesh(plan.topology_devices(topo), (2, 2, 2), num_slices=2)
+    for d in range(2):  # data index d = slice d; fsdp x tensor inside it
+        assert {dev.slice_index for dev in mesh.devices[d].flat} == {d}
+    with jax.default_matmul_precision("default"):
+        res = plan.plan(tiny_config(), topo, data=2, tensor=2, attention="xla")
+    assert res.mesh == (2, 2, 2) and res.global_rows == 4
+    assert res.fits and res.temp_bytes > 0
+    assert "2 slices over DCN" in "\n".join(res.lines())
+
+
+@needs_libtpu
+def test_tiny_decode_step_compiles_for_v5e_4():
+    # tiny computes in fp32: cache float32[L=2, B=4, C=256, K=2, Dh=8], rows over fsdp=2
+    # and kv heads over tensor=2; params in bf16 (the serving dtype).
+    res = plan_decode.plan_decode(
+        tiny_config(), "v5e-4", fsdp=2, tensor=2, batch=4, cache_len=256, new_tokens=64
+    )
+    assert res.mesh == (1, 2, 2)
+    assert res.cache_bytes == 2 * (2 * 4 * 256 * 2 * 8 * 4) // 4
+    assert res.alias_bytes >= res.cache_bytes  # the donated cache is updated in place
+    assert 0 < res.lm_read_bytes < res.params_bytes < res.argument_bytes
+    assert res.temp_bytes > 0 and res.fits
+    assert res.step_seconds == max(res.memory_seconds, res.compute_seconds) > 0
+    assert res.tokens_per_second == pytest.approx(4 / res.step_seconds)
+    text = "\n".join(res.lines())
+    assert "HBM 819 GB/s" in text and "FITS" in text

@@ -11,6 +11,8 @@
 # GKE sets TPU_WORKER_HOSTNAMES (and MEGASCALE_* for several slices), which
 # lov_jax.distributed.maybe_initialize() detects. Use a gs://-mounted (GCS FUSE) or
 # shared path for --workdir so every host writes to the same checkpoint directory.
+# A train job on several slices gets --config.mesh.dcn_data=<num-slices> (the data
+# axis across slices) unless its arguments set mesh.dcn_data themselves.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -36,6 +38,9 @@ JOB="$1"; shift
 [[ "$JOB" == train || "$JOB" == eval ]] || die "job must be train or eval, got $JOB"
 [[ -n "$CLUSTER" && -n "$TPU_TYPE" ]] || die "--cluster and --tpu-type are required"
 WORKLOAD="${WORKLOAD:-lov-jax-$JOB-$(date +%m%d-%H%M)}"
+if [[ "$JOB" == train && "$SLICES" -gt 1 && "$*" != *--config.mesh.dcn_data* ]]; then
+  set -- "$@" "--config.mesh.dcn_data=$SLICES"
+fi
 
 if [[ -n "$IMAGE" ]]; then
   cmd="cd /app && source launch/tpu_env.sh && .venv/bin/lov-jax $(quote "$JOB" "$@")"

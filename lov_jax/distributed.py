@@ -18,6 +18,8 @@ On the CPU backend, collectives go through gloo (set before the backend starts).
 `mesh_for_topology(ici, dcn_data)` builds the (data, fsdp, tensor) mesh of a job that
 spans `dcn_data` slices: the `ici` axes live inside a slice (fast interconnect), and
 the slices are stacked along the `data` axis (data-center network).
+`mesh_from_config(config.mesh)` is that mesh for a stage config's `mesh` block; every
+mesh built from a train config goes through it.
 """
 
 from __future__ import annotations
@@ -166,6 +168,50 @@ def mesh_for_topology(
         shape, (dcn_data, 1, 1), devices, process_is_granule=by_process
     )
     return Mesh(array, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def mesh_from_config(
+    mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """The mesh of a stage config's `mesh` block (`configs/common.py`).
+
+    `data`, `fsdp`, `tensor` are sizes inside one slice (one may be -1: the rest of the
+    slice); `dcn_data` slices are stacked on `data` over DCN, so the global data axis is
+    `dcn_data * data`; `num_devices` > 0 keeps only the first that many devices (the CPU
+    demo). The product must equal the device count.
+    """
+    fields = {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "num_devices": -1}
+    unknown = set(mesh_config) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config.mesh fields {sorted(unknown)}; expected {list(fields)}")
+    fields.update({k: int(v) for k, v in mesh_config.items()})
+    devices = list(jax.devices() if devices is None else devices)
+    if fields["num_devices"] > 0:
+        if fields["num_devices"] > len(devices):
+            raise ValueError(
+                f"mesh.num_devices={fields['num_devices']}: only {len(devices)} devices"
+            )
+        devices = devices[: fields["num_devices"]]
+    ici = {a: fields[a] for a in sharding.MESH_AXES}
+    _check_mesh_size(ici, fields["dcn_data"], len(devices))
+    return mesh_for_topology(ici, fields["dcn_data"], devices)
+
+
+def _check_mesh_size(ici: Mapping[str, int], dcn_data: int, num_devices: int) -> None:
+    """A ValueError naming the config.mesh fields unless they tile `num_devices`."""
+    sizes = {**ici, "dcn_data": dcn_data}
+    named = " x ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+    values = list(sizes.values())
+    if dcn_data < 1 or values.count(-1) > 1 or any(v == 0 or v < -1 for v in values):
+        raise ValueError(f"{named}: sizes must be >= 1, and at most one of data/fsdp/tensor -1")
+    known = int(np.prod([v for v in values if v != -1]))
+    if -1 in values and num_devices % known:
+        raise ValueError(f"{named}: {num_devices} devices are not a multiple of {known}")
+    if -1 not in values and known != num_devices:
+        raise ValueError(
+            f"{named} = {known} devices, but the job has {num_devices}; make the product "
+            "equal the device count (or set one of data/fsdp/tensor to -1)"
+        )
 
 
 def _use_gloo_on_cpu() -> None:

@@ -1,13 +1,17 @@
 """Two processes x 4 CPU devices joined by jax.distributed (gloo) == one 8-device process.
 
 The cluster is started with `launch/local_cluster.sh 2 python tests/test_multihost.py
-WORKDIR`; each process trains 3 steps on an fsdp=8 mesh with its own host batches
-(`SyntheticBatches(rows=4, seed=process_index)`), checkpoints at step 3 and stops, then
-a second run resumes from that checkpoint for 2 more steps. The global batch is process
-0's rows followed by process 1's, so the single-process reference (the same script
-without LOV_JAX_* variables, 8 CPU devices) feeds the concatenation of both streams, 5
-steps uninterrupted. Both run as subprocesses sharing a persistent compilation cache (the
-resumed run reuses the compiled step).
+WORKDIR TASK`; each process trains 3 steps with its own host batches
+(`SyntheticBatches(rows=4, seed=process_index)`) on a mesh from the config with
+`mesh.dcn_data=2` (one "slice" per process on the data axis, fsdp=4 inside it),
+checkpoints at step 3 and stops, then a second run resumes from that checkpoint for 2
+more steps. The global batch is process 0's rows followed by process 1's, so the
+single-process reference (the same script without LOV_JAX_* variables, 8 CPU devices,
+the same data=2 x fsdp=4 mesh) feeds the concatenation of both streams, 5 steps
+uninterrupted. Then every process runs `lov-jax eval` on the final checkpoint: records
+are split by process, each decodes on its own 4 devices, and process 0 writes the merged
+samples and results, which must equal the reference's. Both run as subprocesses sharing
+a persistent compilation cache (the resumed run reuses the compiled step).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ REPO = TESTS.parent
 STEPS, RESUMED_STEPS = 3, 5
 
 
-def _config():
+def _config(multi: bool):
     from configs import stage2_ov
 
     c = stage2_ov.get_config("demo")
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.num_devices = 1, 8, 1, -1
+    # data=2 x fsdp=4 either way: across the two processes (slices) or inside one.
+    c.mesh.update(data=1 if multi else 2, fsdp=4, tensor=1, dcn_data=2 if multi else 1)
+    c.mesh.num_devices = -1
     c.train.ckpt_every = STEPS
     c.train.loss_chunk = 32
     return c
@@ -64,7 +70,7 @@ class _Concat:
             s.set_state(st)
 
 
-def _worker(workdir: str) -> None:
+def _worker(workdir: str, task: str) -> None:
     """One process of the local cluster, or (no LOV_JAX_* variables) the 8-device
     single-process reference fed both processes' rows; run as a script."""
     sys.path.insert(0, str(TESTS))
@@ -83,10 +89,10 @@ def _worker(workdir: str) -> None:
 
     assert jax.process_count() == (2 if multi else 1) and jax.device_count() == 8
     rank = jax.process_index()
+    # Two "slices" (one per process: CPU devices have no slice_index) on the data axis.
+    mesh = distributed.mesh_from_config(_config(multi).mesh)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     if multi:
-        # Two "slices" (one per process: CPU devices have no slice_index) on the data axis.
-        mesh = distributed.mesh_for_topology({"fsdp": -1}, dcn_data=2)
-        assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
         assert [{d.process_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
 
     def data():
@@ -94,22 +100,55 @@ def _worker(workdir: str) -> None:
             return SyntheticBatches(rows=4, seed=rank)
         return _Concat([SyntheticBatches(rows=4, seed=0), SyntheticBatches(rows=4, seed=1)])
 
-    cfg = config.demo()
+    cfg, stage = config.demo(), _config(multi)
     if not multi:  # the reference runs uninterrupted
-        ref = run_training(_config(), cfg, workdir, data(), _init, RESUMED_STEPS, progress=False)
+        ref = run_training(stage, cfg, workdir, data(), _init, RESUMED_STEPS, progress=False)
         out = {"process": rank, "losses": ref.losses, "resumed_from": None}
-        Path(workdir, f"result_{rank}.json").write_text(json.dumps(out))
-        return
-    # The same total_steps (so the same LR schedule and compiled step) in both runs.
-    first = run_training(_config(), cfg, workdir, data(), _init, RESUMED_STEPS,
-                         stop_after=STEPS, progress=False)  # fmt: skip
-    resumed = run_training(_config(), cfg, workdir, data(), _init, RESUMED_STEPS, progress=False)
-    out = {
-        "process": rank,
-        "losses": {**first.losses, **resumed.losses},
-        "resumed_from": resumed.resumed_from,
-    }
+    else:
+        # The same total_steps (so the same LR schedule and compiled step) in both runs.
+        first = run_training(stage, cfg, workdir, data(), _init, RESUMED_STEPS,
+                             stop_after=STEPS, progress=False)  # fmt: skip
+        resumed = run_training(stage, cfg, workdir, data(), _init, RESUMED_STEPS, progress=False)
+        out = {
+            "process": rank,
+            "losses": {**first.losses, **resumed.losses},
+            "resumed_from": resumed.resumed_from,
+        }
     Path(workdir, f"result_{rank}.json").write_text(json.dumps(out))
+    _run_eval(workdir, task)
+
+
+def _run_eval(workdir: str, task: str) -> None:
+    """`lov-jax eval` on the workdir's last checkpoint, as a user runs it on every host."""
+    from lov_jax.cli import main
+
+    t0 = time.time()
+    rc = main(["eval", "--ckpt", workdir, "--task", task, "--out", str(Path(workdir, "eval")),
+               "--mesh", "1,-1,1", "--batch-size", "2"])  # fmt: skip
+    assert rc == 0
+    print(f"eval finished in {time.time() - t0:.1f}s")
+
+
+def _write_task(root: Path) -> Path:
+    """A 5-record task (single image, two images, text only, a missing image): the cluster
+    splits it 3 / 2, so its processes run different numbers of batches."""
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"a.png": (112, 112), "b.png": (160, 96), "c.png": (64, 150)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    records = [
+        {"id": "one", "question": "What shape is this?", "images": ["a.png"], "answer": "red"},
+        {"id": "two", "question": "Same colour?", "images": ["b.png", "c.png"], "answer": "no"},
+        {"id": "text", "question": "Name a colour.", "answer": "blue"},
+        {"id": "missing", "question": "What is it?", "images": ["nope.png"], "answer": "x"},
+        {"id": "wide", "question": "What colour?", "images": ["b.png"], "answer": "green"},
+    ]
+    (root / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = {"task": "tiny", "data": "tiny.jsonl", "metric": "exact_match", "max_new_tokens": 3}
+    (root / "tiny.yaml").write_text(json.dumps(spec))  # JSON is valid YAML
+    return root / "tiny.yaml"
 
 
 def _finish(proc: subprocess.Popen, what: str, timeout: float) -> None:
@@ -128,16 +167,17 @@ def test_two_processes_equal_one_process(tmp_path):
     env["LOG_DIR"] = str(tmp_path / "logs")
     # The resumed run in each process loads the first run's compiled step from disk.
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    task = str(_write_task(tmp_path / "task"))
     t0 = time.time()
     cluster = subprocess.Popen(
         ["bash", str(REPO / "launch/local_cluster.sh"), "2", sys.executable, __file__,
-         str(tmp_path / "cluster")],
+         str(tmp_path / "cluster"), task],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     single_env = {**env, "JAX_PLATFORMS": "cpu",
                   "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # fmt: skip
     single = subprocess.Popen(
-        [sys.executable, __file__, str(tmp_path / "single")], env=single_env,
+        [sys.executable, __file__, str(tmp_path / "single"), task], env=single_env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     _finish(single, "single-process reference", timeout=300)
@@ -158,6 +198,27 @@ def test_two_processes_equal_one_process(tmp_path):
         "ocdbt.process_0", "ocdbt.process_1"}  # fmt: skip
     saved = json.loads((step_dir / "data_iter" / "metadata").read_text())
     assert saved == {"process_count": 2, "states": {"0": {"position": 3}, "1": {"position": 3}}}
+    _check_eval(tmp_path / "single" / "eval", tmp_path / "cluster" / "eval")
+
+
+def _check_eval(ref: Path, got: Path) -> None:
+    """Each process scored its records; process 0's merged outputs equal the reference's."""
+    ids = {}
+    for i in range(2):
+        shard = got / "shards" / f"tiny.rank{i:05d}-of-00002.jsonl"
+        ids[i] = sorted(json.loads(line)["id"] for line in shard.read_text().splitlines())
+    assert ids == {0: ["one", "text", "wide"], 1: ["missing", "two"]}
+    samples = (got / "samples_tiny.jsonl").read_text()
+    assert samples == (ref / "samples_tiny.jsonl").read_text()
+    rows = [json.loads(line) for line in samples.splitlines()]
+    assert [r["id"] for r in rows] == ["one", "two", "text", "missing", "wide"]
+    assert rows[3]["error"]["reason"] == "missing_media"
+    assert all(isinstance(r["prediction"], str) for i, r in enumerate(rows) if i != 3)
+    want, have = (json.loads((d / "results.json").read_text()) for d in (ref, got))
+    # Only the checkpoint path (config.model_args) differs.
+    assert {k: v for k, v in have.items() if k != "config"} == {
+        k: v for k, v in want.items() if k != "config"}  # fmt: skip
+    assert have["n-samples"]["tiny"] == {"original": 5, "effective": 5}
 
 
 def test_detect_cluster_from_environment():
@@ -214,4 +275,4 @@ def test_mesh_for_topology_checks_the_device_count():
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2])

@@ -40,7 +40,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N records of each task")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,-1,2")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor over local devices, e.g. 1,-1,2")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     p.add_argument("--fail-on-missing", action="store_true")
     p.set_defaults(func=_eval)

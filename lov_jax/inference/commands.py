@@ -25,13 +25,19 @@ def load_tokenizer_for(ckpt: str | Path):
 
 
 def parse_mesh(spec: str | None):
-    """'data,fsdp,tensor' sizes (one may be -1) -> Mesh, or None for one device."""
+    """'data,fsdp,tensor' sizes (one may be -1) -> Mesh, or None for one device.
+
+    The mesh spans this process's devices only: in a multi-process job every process
+    decodes its own requests (eval shards records by process), so no program spans hosts.
+    """
     if not spec:
         return None
+    import jax
+
     from lov_jax import sharding
 
     data, fsdp, tensor = (int(x) for x in spec.split(","))
-    return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.local_devices())
 
 
 def _generate(args) -> int:
@@ -69,7 +75,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     p.add_argument("--dtype", default=None, help="param dtype to load (default: as stored)")
-    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,-1,2")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor over local devices, e.g. 1,-1,2")
 
 
 def add_commands(subparsers) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from lov_jax import sharding
+from lov_jax import distributed
 from lov_jax.config import ModelConfig
 from lov_jax.train import checkpoint, metrics
 from lov_jax.train.step import Trainer, TrainState, stack_micro_batches
@@ -59,10 +59,7 @@ def run_training(
     after that many steps of its own (tests of preemption), without a final save.
     """
     workdir = Path(workdir)
-    mesh_shape = dict(config.mesh)
-    num_devices = mesh_shape.pop("num_devices", -1)
-    devices = jax.devices()[:num_devices] if num_devices > 0 else None
-    mesh = sharding.make_mesh(**mesh_shape, devices=devices)
+    mesh = distributed.mesh_from_config(config.mesh)
     loss_tokens = config.train.get("loss_tokens_per_row", 0)
     trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk, loss_tokens)
     manager = checkpoint.make_manager(

@@ -1,0 +1,97 @@
+"""`distributed.mesh_from_config`: a stage config's mesh block, multi-slice included
+(and the XPK launcher setting `mesh.dcn_data` for a multi-slice train job).
+
+Multi-slice layouts are checked on stand-in devices that carry `slice_index` /
+`process_index` (this process's CPU devices are one slice of one process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import jax
+import pytest
+
+from configs import common
+from lov_jax.distributed import mesh_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """What mesh building reads from a device (hashable, like jax.Device)."""
+
+    id: int
+    process_index: int
+    slice_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+def _ids(mesh) -> list:
+    return jax.tree.map(lambda d: d.id, mesh.devices.tolist())
+
+
+def test_default_config_uses_every_device():
+    mesh = mesh_from_config(common.base_config("tiny").mesh)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    mesh = mesh_from_config({"data": 2, "tensor": 2, "num_devices": 4})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert set(mesh.devices.flat) == set(jax.devices()[:4])
+
+
+def test_two_slices_stack_on_the_data_axis():
+    # Two TPU slices of 4 chips, listed interleaved: each row of `data` is one slice.
+    devices = [FakeDevice(i, process_index=i // 2, slice_index=i % 2) for i in range(8)]
+    mesh = mesh_from_config({"fsdp": 4, "dcn_data": 2}, devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert _ids(mesh) == [[[0], [2], [4], [6]], [[1], [3], [5], [7]]]
+    # data inside a slice too: global data = dcn_data * data, slice-major.
+    mesh = mesh_from_config({"data": 2, "fsdp": -1, "dcn_data": 2}, devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {0}, {1}, {1}]
+
+
+def test_processes_are_slices_where_devices_have_no_slice_index():
+    # A GPU/CPU cluster: every device says slice 0, so each process is a slice.
+    devices = [FakeDevice(i, process_index=i // 4, slice_index=0) for i in range(8)]
+    mesh = mesh_from_config({"fsdp": -1, "tensor": 2, "dcn_data": 2}, devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert _ids(mesh) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+
+
+def test_mesh_that_does_not_tile_the_devices_names_the_fields():
+    with pytest.raises(ValueError, match=r"mesh\.data=1 x mesh\.fsdp=8 x mesh\.tensor=1 x "
+                       r"mesh\.dcn_data=2 = 16 devices, but the job has 8"):  # fmt: skip
+        mesh_from_config({"fsdp": 8, "dcn_data": 2})
+    with pytest.raises(ValueError, match=r"mesh\.tensor=3 x mesh\.dcn_data=2: 8 devices are "
+                       "not a multiple of 6"):  # fmt: skip
+        mesh_from_config({"tensor": 3, "dcn_data": 2})
+    with pytest.raises(ValueError, match="at most one of data/fsdp/tensor -1"):
+        mesh_from_config({"data": -1, "fsdp": -1})
+    with pytest.raises(ValueError, match="sizes must be >= 1"):
+        mesh_from_config({"dcn_data": 0})
+    with pytest.raises(ValueError, match=r"unknown config.mesh fields \['model'\]"):
+        mesh_from_config({"model": 2})
+    with pytest.raises(ValueError, match="mesh.num_devices=16: only 8 devices"):
+        mesh_from_config({"num_devices": 16})
+    # The right count, but one process of one slice cannot be two slices.
+    with pytest.raises(ValueError, match="cannot form dcn_data=2 slices"):
+        mesh_from_config({"fsdp": 4, "dcn_data": 2})
+
+
+def test_xpk_multi_slice_train_job_sets_dcn_data():
+    def command(*args: str) -> str:
+        argv = ["bash", str(REPO / "launch/gke_xpk.sh"), "--dry-run", "--cluster", "c",
+                "--tpu-type", "v5p-64", *args]  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    train = ("train", "--config", "configs/stage2_ov.py:ov_7b", "--workdir", "/gcs/w")
+    assert "--workdir /gcs/w --config.mesh.dcn_data=2'" in command("--num-slices", "2", *train)
+    own = command("--num-slices", "2", *train, "--config.mesh.dcn_data=1")
+    assert own.count("dcn_data") == 1 and "dcn_data=1" in own
+    assert "dcn_data" not in command(*train)  # one slice
+    assert "dcn_data" not in command("--num-slices", "2", "eval", "--ckpt", "/gcs/w")

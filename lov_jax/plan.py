@@ -10,7 +10,9 @@ allocated), compile it for TPU and read the executable's exact per-chip memory
 Topology names follow Cloud TPU: `v4-N` and `v5p-N` count TensorCores (two per
 chip, one megacore device per chip: v5p-512 = 256 chips), `v5e-N` (= v5litepod)
 and `v6e-N` count chips. A raw `<gen>:<AxBxC>` topology string is accepted too.
-Multi-slice (a DCN `data` axis across slices) via `num_slices`.
+Multi-slice via `num_slices`: the mesh is the one `lov-jax train` builds
+(`distributed.mesh_for_topology`), the data axis across slices (DCN), fsdp and
+tensor inside each. The generation decode step is planned by `lov_jax.plan_decode`.
 
 Estimates: step time = FLOPs / (chips * peak bf16 FLOP/s * MFU). The analytical
 (model) FLOPs are `metrics.step_flops` with one sample per row (`sample_len`
@@ -250,7 +252,27 @@ def build_mesh(devices, shape: tuple[int, int, int], num_slices: int = 1):
     try:
         return mesh_for_topology(ici, num_slices, devices)
     except (ValueError, NotImplementedError) as err:
-        raise PlanError(f"cannot lay mesh {shape} out on the topology: {err}") from err
+        raise PlanError(
+            f"cannot lay mesh data={data} fsdp={fsdp} tensor={tensor} out on the topology: "
+            "the train mesh does not split physical torus axes, so each mesh axis inside a "
+            "slice must be a product of some of the slice's dimensions "
+            f"({str(err).splitlines()[0]})"
+        ) from err
+
+
+def check_divisible(tree) -> None:
+    """PlanError naming every abstract array whose sharding does not divide its shape."""
+    import jax
+
+    bad = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        try:
+            x.sharding.shard_shape(x.shape)
+        except ValueError:
+            bad.append(f"{jax.tree_util.keystr(path)} {x.shape} over {x.sharding.spec}")
+    if bad:
+        shown = "; ".join(bad[:4]) + (f"; ... ({len(bad)} in all)" if len(bad) > 4 else "")
+        raise PlanError(f"the mesh does not divide these arrays (jit would refuse them): {shown}")
 
 
 @dataclasses.dataclass
@@ -458,6 +480,7 @@ def plan(
         k: jax.ShapeDtypeStruct(s, dt, sharding=trainer.batch_sharding)
         for k, (s, dt) in specs.items()
     }
+    check_divisible((state, batch))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     if state_bytes / topo.num_chips > topo.chip.hbm_bytes:
         raise DoesNotFit(

@@ -37,6 +37,7 @@ from lov_jax.plan import (
     Topology,
     build_mesh,
     cfg_from_config,
+    check_divisible,
     format_seconds,
     mesh_text,
     out_of_memory,
@@ -223,6 +224,7 @@ def plan_decode(
         jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=replicated),
         jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),  # max_new
     )
+    check_divisible(args)
     start = time.perf_counter()
     try:
         with sharding.activation_rules(gen.rules), jax.set_mesh(mesh):

@@ -71,6 +71,16 @@ def test_mesh_resolution_and_errors():
         plan.plan(tiny_config(), "v5e-8", tensor=3)
 
 
+def test_indivisible_shardings_are_named():
+    mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    tree = {"ok": jax.ShapeDtypeStruct((16,), "float32", sharding=spec)}
+    plan.check_divisible(tree)
+    tree["proj"] = jax.ShapeDtypeStruct((1152 + 4,), "float32", sharding=spec)
+    with pytest.raises(plan.PlanError, match=r"\['proj'\] \(1156,\)"):
+        plan.check_divisible(tree)
+
+
 def test_parse_mesh_flag():
     assert plan_commands.parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
     assert plan_commands.parse_mesh("tensor=2", data=2)["data"] == 2  # data = slice count

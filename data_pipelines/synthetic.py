@@ -7,6 +7,10 @@ Tasks (answers are single words; chance level in brackets):
   compare    two images, one shape each: which image has colour X          [1/2]
   motion     short mp4 of a shape moving left or right: which way          [1/2]
 Stage-1 captions ("A red circle.") come from the same single-shape images.
+With `multi_turn`, training records ask every question their media supports (colour
+and side of a single shape; colour and direction of a moving one), as LLaVA's
+conversations do. Test records ask one question each. `train_si.json` holds the
+single-image spatial questions (position, count) for the demo's stage 2-SI.
 Written as `train.json` / `test.json` (LLaVA records, media paths relative to
 the output folder) plus `captions.json` for stage 1.
 """
@@ -22,11 +26,12 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
           "yellow": (230, 210, 40)}  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
-# (H, W): varied sizes and aspect ratios -> anyres grids 1x2, 2x1, 1x2, 2x2, 2x2 at 112px
-# crops (unpadding on both axes); kept small so many samples fit a CPU step.
-SIZES = ((112, 168), (168, 112), (100, 220), (150, 150), (120, 200))
+# (H, W): varied sizes and aspect ratios -> anyres grids 1x1 (unpadded rows or columns,
+# or none), 1x2 and 2x1 at 112px crops; kept small so ~4 samples fit a 512-token row.
+SIZES = ((112, 80), (80, 112), (100, 100), (64, 112), (112, 168), (168, 112))
 COUNT_WORDS = ("one", "two", "three")
 TASKS = ("color", "position", "count", "compare", "motion")
+SI_TASKS = ("position", "count")
 CHANCE = {"color": 1 / 4, "position": 1 / 2, "count": 1 / 3, "compare": 1 / 2, "motion": 1 / 2}
 
 
@@ -62,8 +67,8 @@ def _image(rng, shapes, size=None):
     return img
 
 
-def _motion_frames(rng, direction: str, frames: int = 4, h: int = 192, w: int = 256):
-    shape, color = SHAPES[rng.integers(3)], list(COLORS)[rng.integers(4)]
+def _motion_frames(rng, direction: str, color: str, frames: int = 4, h: int = 192, w: int = 256):
+    shape = SHAPES[rng.integers(3)]
     xs = np.linspace(0.2 * w, 0.8 * w, frames)
     if direction == "left":
         xs = xs[::-1]
@@ -75,9 +80,11 @@ def _motion_frames(rng, direction: str, frames: int = 4, h: int = 192, w: int = 
     return np.stack(out)
 
 
-def _record(rid, question, answer, image=None, video=None):
-    rec = {"id": rid, "conversations": [
-        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}  # fmt: skip
+def _record(rid, question, answer, image=None, video=None, more=()):
+    """A LLaVA record; `more` = follow-up (question, answer) turns about the same media."""
+    turns = [(question, answer), *more]
+    convs = [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]
+    rec = {"id": rid, "conversations": convs}
     if image is not None:
         rec["image"] = image
     if video is not None:
@@ -85,15 +92,30 @@ def _record(rid, question, answer, image=None, video=None):
     return rec
 
 
-def make_example(task: str, rng, out_dir: Path, rid: str) -> dict:
+COLOR_Q = "What color is the shape?"
+SIDE_Q = "Is the shape on the left or the right?"
+
+
+def _first_turn(rng, turns):
+    """Shuffle (question, answer) turns; the first question gets the <image> tag."""
+    turns = [turns[i] for i in rng.permutation(len(turns))]
+    (q, a), more = turns[0], turns[1:]
+    return "<image>\n" + q, a, more
+
+
+def make_example(task: str, rng, out_dir: Path, rid: str, multi_turn: bool = False) -> dict:
+    """One record of `task`; with `multi_turn`, every question its media supports."""
     colors, media = list(COLORS), out_dir / "media"
     if task == "motion":
         from data_pipelines.video import write_video
 
-        direction = ("left", "right")[rng.integers(2)]
-        write_video(media / f"{rid}.mp4", _motion_frames(rng, direction), fps=4)
-        q = "<image>\nWhich way does the shape move, left or right?"
-        return _record(rid, q, direction, video=f"media/{rid}.mp4")
+        direction, color = ("left", "right")[rng.integers(2)], colors[rng.integers(4)]
+        write_video(media / f"{rid}.mp4", _motion_frames(rng, direction, color), fps=4)
+        turns = [("Which way does the shape move, left or right?", direction)]
+        if multi_turn:
+            turns.append((COLOR_Q, color))
+        q, a, more = _first_turn(rng, turns)
+        return _record(rid, q, a, video=f"media/{rid}.mp4", more=more)
     if task == "compare":
         a, b = rng.choice(4, 2, replace=False)
         first = bool(rng.integers(2))
@@ -109,27 +131,30 @@ def make_example(task: str, rng, out_dir: Path, rid: str) -> dict:
         _image(rng, shapes).save(media / f"{rid}.png")
         q = "<image>\nHow many shapes are there? Answer one, two or three."
         return _record(rid, q, COUNT_WORDS[n - 1], image=f"media/{rid}.png")
-    color = colors[rng.integers(4)]
-    side = ("left", "right")[rng.integers(2)] if task == "position" else None
-    shape = SHAPES[rng.integers(3)]
+    # color / position: one shape, in the left or right half for the position question
+    # (and for both questions of a multi-turn record)
+    color, shape = colors[rng.integers(4)], SHAPES[rng.integers(3)]
+    side = ("left", "right")[rng.integers(2)] if task == "position" or multi_turn else None
     _image(rng, [(shape, color, side)]).save(media / f"{rid}.png")
-    if task == "position":
-        q = "<image>\nIs the shape on the left or the right?"
-        rec = _record(rid, q, side, image=f"media/{rid}.png")
-    else:
-        rec = _record(rid, "<image>\nWhat color is the shape?", color, image=f"media/{rid}.png")
+    turns = [(COLOR_Q, color), (SIDE_Q, side)] if multi_turn else (
+        [(SIDE_Q, side)] if task == "position" else [(COLOR_Q, color)])  # fmt: skip
+    q, a, more = _first_turn(rng, turns)
+    rec = _record(rid, q, a, image=f"media/{rid}.png", more=more)
     rec["caption"] = f"A {color} {shape}."
     return rec
 
 
-def make_shapes_dataset(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> dict:
-    """Write the dataset; returns {"train", "test", "captions"} json paths."""
+def make_shapes_dataset(
+    out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, multi_turn: bool = False
+) -> dict:
+    """Write the dataset; returns {"train", "test", "captions", "train_si"} json paths."""
     out_dir = Path(out_dir)
     (out_dir / "media").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     splits = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        records = [make_example(TASKS[i % len(TASKS)], rng, out_dir, f"{split}{i:05d}")
+        records = [make_example(TASKS[i % len(TASKS)], rng, out_dir, f"{split}{i:05d}",
+                                multi_turn=split == "train" and multi_turn)
                    for i in range(n)]  # fmt: skip
         for r, i in zip(records, range(n), strict=True):
             r["task"] = TASKS[i % len(TASKS)]
@@ -138,8 +163,10 @@ def make_shapes_dataset(out_dir: str | Path, n_train: int, n_test: int, seed: in
         _record(r["id"] + "c", "<image>", r["caption"], image=r["image"])
         for r in splits["train"] if "caption" in r
     ]  # fmt: skip
+    # The demo's stage 2-SI set: the single-image spatial questions (see lov_jax/demo.py).
+    train_si = [r for r in splits["train"] if r["task"] in SI_TASKS]
     paths = {}
-    for name, records in (*splits.items(), ("captions", captions)):
+    for name, records in (*splits.items(), ("captions", captions), ("train_si", train_si)):
         paths[name] = out_dir / f"{name}.json"
         paths[name].write_text(json.dumps(records))
     return paths

@@ -77,7 +77,11 @@ class _Embeddings(nn.Module):
             cfg.hidden_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=init(nn.initializers.normal(0.02), ("patches", "embed")),
+            # std 1/sqrt(width) as HF's SiglipPreTrainedModel._init_weights (from scratch,
+            # position is then a visible part of every patch, not 2% of it)
+            embedding_init=init(
+                nn.initializers.normal(cfg.hidden_size**-0.5), ("patches", "embed")
+            ),
             name="position_embedding",
         )
         return patches + pos.embedding.astype(self.dtype)[None]

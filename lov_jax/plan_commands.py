@@ -9,6 +9,7 @@ Needs libtpu (`pip install -e .[tpu]`), not TPU hardware.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 
@@ -59,9 +60,10 @@ def _plan(args) -> int:
             mfu=args.mfu,
         )
         if args.search:
-            print(f"searching meshes for {args.topology} (fsdp = remaining chips) ...")
+            log = functools.partial(print, flush=True)  # progress shows in a piped log
+            log(f"searching meshes for {args.topology} (fsdp = remaining chips) ...")
             fitting, rejected = plan.search(
-                config, args.topology, num_slices=args.num_slices, **common
+                config, args.topology, num_slices=args.num_slices, log=log, **common
             )
             if not fitting:
                 print("no configuration fits; rejected:")

@@ -63,17 +63,19 @@ class Chip:
     chip_config: str  # "megacore" (one device per 2-core chip) or "default"
     cores_per_name_unit: int  # v4-8 / v5p-8 count TensorCores (2 per chip)
     dims: int  # torus dimensions
-    hbm_bytes: int
+    hbm_bytes: int  # usable by one program (see CHIPS)
     peak_flops: float  # dense bf16 FLOP/s per chip
     hbm_bandwidth: float  # bytes/s per chip
 
 
-# Per-chip figures from the Cloud TPU system architecture pages (v4, v5e, v5p, v6e).
+# HBM: what the TPU compiler lets a program use, the "available HBM" of its
+# out-of-memory error (libtpu with jax 0.10; a little under the 32/16/96/32 GiB on
+# the chips). FLOP/s and bandwidth: the Cloud TPU system architecture pages.
 CHIPS = {
-    "v4": Chip("v4", "v4", "megacore", 2, 3, 32 * GIB, 275e12, 1200e9),
-    "v5e": Chip("v5e", "v5e", "default", 1, 2, 16 * GIB, 197e12, 819e9),
-    "v5p": Chip("v5p", "v5p", "megacore", 2, 3, 95 * GIB, 459e12, 2765e9),
-    "v6e": Chip("v6e", "v6e", "default", 1, 2, 32 * GIB, 918e12, 1638e9),
+    "v4": Chip("v4", "v4", "megacore", 2, 3, int(30.75 * GIB), 275e12, 1200e9),
+    "v5e": Chip("v5e", "v5e", "default", 1, 2, int(15.75 * GIB), 197e12, 819e9),
+    "v5p": Chip("v5p", "v5p", "megacore", 2, 3, int(95.74 * GIB), 459e12, 2765e9),
+    "v6e": Chip("v6e", "v6e", "default", 1, 2, int(31.25 * GIB), 918e12, 1638e9),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}
 
@@ -113,7 +115,7 @@ class Topology:
         slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
         return (
             f"{self.name} ({self.topology_name}{slices}: {self.num_chips} chips, "
-            f"{self.chip.hbm_bytes / GIB:.0f} GiB HBM and {self.chip.peak_flops / 1e12:.0f} "
+            f"{self.chip.hbm_bytes / GIB:.2f} GiB HBM and {self.chip.peak_flops / 1e12:.0f} "
             "TFLOP/s bf16 per chip)"
         )
 
@@ -356,7 +358,7 @@ class PlanResult:
             f"{self.alias_bytes / GIB:.2f} GiB)",
             f"  temps      {g(self.temp_bytes)}",
             f"  code       {g(self.code_bytes)}",
-            f"  total      {g(self.total_bytes)} of {self.capacity_bytes / GIB:.0f} GiB "
+            f"  total      {g(self.total_bytes)} of {self.capacity_bytes / GIB:.2f} GiB "
             f"({100 * self.total_bytes / self.capacity_bytes:.0f}%), headroom {head / GIB:.2f} "
             f"GiB -> {'FITS' if self.fits else 'DOES NOT FIT'}",
             "FLOPs per step",
@@ -486,7 +488,7 @@ def plan(
         raise DoesNotFit(
             f"{config.model.preset} cannot fit on {topo.name} at all: params + optimizer "
             f"state are {state_bytes / GIB:.1f} GiB, {state_bytes / topo.num_chips / GIB:.1f} "
-            f"GiB/chip even fully sharded, over {topo.chip.hbm_bytes / GIB:.0f} GiB HBM"
+            f"GiB/chip even fully sharded, over {topo.chip.hbm_bytes / GIB:.2f} GiB HBM"
         )
     start = time.perf_counter()
     try:
@@ -545,9 +547,10 @@ def search(
 ) -> tuple[list[PlanResult], list[tuple[dict, str]]]:
     """Compile a small grid (tensor x remat x rows per device; fsdp = the rest).
 
-    Returns (fitting plans ranked by estimated tokens/s, [(setting, reason)] that failed
-    or did not fit). Within one (tensor, remat) a larger row count is only tried if the
-    smaller one fits.
+    Returns (fitting plans ranked by estimated tokens/s, then by HBM used, [(setting,
+    reason)] that failed or did not fit). Within one (tensor, remat) a larger row count is
+    only tried if the smaller one fits. At a fixed MFU the estimate differs only by the
+    remat recompute: it cannot see communication (fsdp gathers vs tensor all-reduces).
     """
     topo = parse_topology(topology, num_slices)
     devices = topology_devices(topo)
@@ -577,5 +580,5 @@ def search(
                 rejected.append((setting, f"{res.total_bytes / GIB:.2f} GiB/chip > capacity"))
                 break
             fitting.append(res)
-    fitting.sort(key=lambda r: -r.tokens_per_second)
+    fitting.sort(key=lambda r: (-r.tokens_per_second, r.total_bytes))
     return fitting, rejected

@@ -124,7 +124,7 @@ class DecodePlan:
             f"{self.alias_bytes / GIB:.2f} GiB, the donated cache)",
             f"  temps      {g(self.temp_bytes)}",
             f"  code       {g(self.code_bytes)}",
-            f"  total      {g(self.total_bytes)} of {self.capacity_bytes / GIB:.0f} GiB "
+            f"  total      {g(self.total_bytes)} of {self.capacity_bytes / GIB:.2f} GiB "
             f"({100 * self.total_bytes / self.capacity_bytes:.0f}%), headroom {head / GIB:.2f} "
             f"GiB -> {'FITS' if self.fits else 'DOES NOT FIT'}",
             f"estimate per step (HBM {chip.hbm_bandwidth / 1e9:,.0f} GB/s, "

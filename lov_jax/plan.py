@@ -277,8 +277,28 @@ def check_divisible(tree) -> None:
         raise PlanError(f"the mesh does not divide these arrays (jit would refuse them): {shown}")
 
 
+class CompiledMemory:
+    """Per-chip HBM of a compiled program (mixed into the plan dataclasses, which carry
+    `topology` and the compiler's argument/output/alias/temp/code byte counts)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes
+        )  # fmt: skip
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.topology.chip.hbm_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.capacity_bytes
+
+
 @dataclasses.dataclass
-class PlanResult:
+class PlanResult(CompiledMemory):
     topology: Topology
     preset: str
     mesh: tuple[int, int, int]
@@ -299,21 +319,6 @@ class PlanResult:
     mfu: float
     compile_s: float  # lowering + compiling
     lower_s: float = 0.0
-
-    @property
-    def total_bytes(self) -> int:
-        return (
-            self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes
-        )  # fmt: skip
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.topology.chip.hbm_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.capacity_bytes
 
     @property
     def tokens_per_step(self) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 
 from lov_jax.plan import (
     GIB,
+    CompiledMemory,
     PlanError,
     Topology,
     build_mesh,
@@ -48,7 +49,7 @@ from lov_jax.plan import (
 
 
 @dataclasses.dataclass
-class DecodePlan:
+class DecodePlan(CompiledMemory):
     topology: Topology
     preset: str
     mesh: tuple[int, int, int]
@@ -68,21 +69,6 @@ class DecodePlan:
     code_bytes: int
     step_flops: float  # whole batch, one token each
     compile_s: float
-
-    @property
-    def total_bytes(self) -> int:
-        return (
-            self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes
-        )  # fmt: skip
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.topology.chip.hbm_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.capacity_bytes
 
     @property
     def memory_seconds(self) -> float:

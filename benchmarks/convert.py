@@ -11,7 +11,11 @@ in a fresh subprocess so that peak RSS (`wait4` ru_maxrss) is per run:
   hf load+save  `LlavaOnevisionForConditionalGeneration.from_pretrained(dir, dtype=...)`
                 + `save_pretrained` (the transformers baseline on the same files)
 Wall time includes interpreter start and imports for every row. The input was
-just written, so reads come from the page cache in every row alike.
+just written, so reads come from the page cache in every row alike. Dirty pages
+are flushed (`sync`) before each row, so no row pays for an earlier row's writes;
+the `+ sync s` column is the time of a `sync` right after the row: what is left to
+make its output durable (our writers fsync through Orbax/TensorStore and
+`os.fsync`; `save_pretrained` returns with its files still in the page cache).
 """
 
 from __future__ import annotations
@@ -65,9 +69,10 @@ def build_checkpoint(out: Path, preset_name: str, dtype: str, seed: int = 0) -> 
     return total
 
 
-def run(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one fresh subprocess (wait4: its own RSS)."""
+def run(cmd: list[str]) -> tuple[float, float, int, str]:
+    """(wall s, sync s after it, peak RSS bytes, stdout) of one fresh subprocess."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRANSFORMERS_VERBOSITY": "error"}
+    os.sync()
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env)
@@ -79,7 +84,9 @@ def run(cmd: list[str]) -> tuple[float, int, str]:
         out, err = so.read().decode(), se.read().decode()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    t1 = time.perf_counter()
+    os.sync()
+    return wall, time.perf_counter() - t1, usage.ru_maxrss * 1024, out
 
 
 def main() -> None:
@@ -104,25 +111,25 @@ def main() -> None:
 
         cli = [sys.executable, "-m", "lov_jax.cli", "convert"]
         rows = []
-        wall, rss, out = run([*cli, "hf-to-orbax", "--hf", str(src), "--out", str(ob),
-                              "--no-progress"])  # fmt: skip
-        rows.append(("hf-to-orbax", wall, rss, out.strip()))
-        wall, rss, out = run([*cli, "orbax-to-hf", "--ckpt", str(ob), "--out", str(back),
-                              "--no-progress"])  # fmt: skip
-        rows.append(("orbax-to-hf", wall, rss, out.strip()))
+        wall, syn, rss, out = run([*cli, "hf-to-orbax", "--hf", str(src), "--out", str(ob),
+                                   "--no-progress"])  # fmt: skip
+        rows.append(("hf-to-orbax", wall, syn, rss, out.strip()))
+        wall, syn, rss, out = run([*cli, "orbax-to-hf", "--ckpt", str(ob), "--out", str(back),
+                                   "--no-progress"])  # fmt: skip
+        rows.append(("orbax-to-hf", wall, syn, rss, out.strip()))
         if not args.skip_hf:
             torch_dtype = {"float16": "float16", "bfloat16": "bfloat16"}[args.dtype]
-            wall, rss, _ = run([sys.executable, "-c", _HF_BASELINE, str(src), str(hf_out),
-                                torch_dtype])  # fmt: skip
-            rows.append(("hf load+save", wall, rss, ""))
+            wall, syn, rss, _ = run([sys.executable, "-c", _HF_BASELINE, str(src), str(hf_out),
+                                     torch_dtype])  # fmt: skip
+            rows.append(("hf load+save", wall, syn, rss, ""))
 
         gb = size / 1e9
         print(f"\n{args.preset} {args.dtype}, checkpoint {gb:.2f} GB, {os.cpu_count()} CPUs")
-        print(f"| {'run':<13} | wall s | GB/s | peak RSS GB | RSS / ckpt |")
-        print(f"| {'-' * 13} | -----: | ---: | ----------: | ---------: |")
-        for name, wall, rss, _ in rows:
-            print(f"| {name:<13} | {wall:6.1f} | {gb / wall:4.2f} | {rss / 1e9:11.2f} | "
-                  f"{rss / size:10.2f} |")  # fmt: skip
+        print(f"| {'run':<13} | wall s | + sync s | GB/s | peak RSS GB | RSS / ckpt |")
+        print(f"| {'-' * 13} | -----: | -------: | ---: | ----------: | ---------: |")
+        for name, wall, syn, rss, _ in rows:
+            print(f"| {name:<13} | {wall:6.1f} | {syn:8.1f} | {gb / wall:4.2f} | "
+                  f"{rss / 1e9:11.2f} | {rss / size:10.2f} |")  # fmt: skip
         for name, *_, line in rows:
             if line:
                 print(f"  {name} summary: {line.splitlines()[-1]}")

@@ -11,6 +11,7 @@ devices (sharded by our rules table) and its host copy is dropped.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,21 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Counted(Mapping):
-    """A lazy tensor mapping that ticks a progress bar and counts bytes per read."""
+    """A lazy tensor mapping that ticks a progress bar and counts bytes per read.
+
+    Thread-safe: `hf_to_params` reads from several threads.
+    """
 
     def __init__(self, tensors: Mapping, bar, stats: io_utils.RunStats):
         self._t, self._bar, self._stats = tensors, bar, stats
+        self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> np.ndarray:
         x = self._t[name]
-        self._stats.tensors += 1
-        self._stats.bytes += x.nbytes
-        self._bar.update(1)
+        with self._lock:
+            self._stats.tensors += 1
+            self._stats.bytes += x.nbytes
+            self._bar.update(1)
         return x
 
     def __iter__(self) -> Iterator[str]:

@@ -71,6 +71,22 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (files Orbax already synced cost ~0)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a not-yet-existing temp path next to `out`; rename it to `out` on success.
@@ -78,6 +94,8 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     On any exception the temp path (and Orbax's own `*.orbax-checkpoint-tmp-*`
     siblings of it) is removed and nothing appears under `out`. With `overwrite`
     an existing `out` is moved aside first and deleted only after the rename.
+    The contents are fsync'd before the rename and the parent after it, so a crash
+    or power loss never leaves `out` naming half-written files.
     """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +103,7 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     tmp = out.parent / f".{out.name}.partial-{tag}"
     try:
         yield tmp
+        fsync_tree(tmp)
         if out.exists() or out.is_symlink():
             if not overwrite:
                 raise CheckpointError(f"output {out} appeared while converting; not replaced")
@@ -94,6 +113,7 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
             _remove(old)
         else:
             tmp.rename(out)
+        _fsync(out.parent)
     finally:
         for p in glob.glob(glob.escape(str(tmp)) + "*"):
             _remove(Path(p))

@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -52,8 +53,8 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 class _File:
     """One .safetensors file: validated header, data memory-mapped on first access.
 
-    With `keep_pages=False` each `get` first drops the pages of the previously
-    returned tensor from this process (MADV_DONTNEED: harmless for a read-only file
+    With `keep_pages=False` each `get` first drops the pages of the tensor the same
+    thread got before from this process (MADV_DONTNEED: harmless for a read-only file
     mapping, a later access faults them in again). Touched pages of a mapping count
     towards RSS for as long as it lives, which would double the peak of a
     whole-checkpoint conversion; a pread copy instead costs ~2x the time here.
@@ -62,7 +63,7 @@ class _File:
     def __init__(self, path: Path, keep_pages: bool = True):
         self.path = path
         self.keep_pages = keep_pages
-        self._last: tuple[int, int] | None = None
+        self._last = threading.local()  # .span: (offset, length) of this thread's last get
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
@@ -98,19 +99,22 @@ class _File:
         if problems:
             raise CheckpointError(f"{path}: truncated or corrupt:\n  " + "\n  ".join(problems))
         self._mm: mmap.mmap | None = None
+        self._open_lock = threading.Lock()
 
     def get(self, name: str) -> np.ndarray:
         dtype, shape, begin = self.entries[name]
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._open_lock:
+            if self._mm is None:
+                with open(self.path, "rb") as f:
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         count = math.prod(shape)
         if not self.keep_pages:
-            if self._last is not None:
-                self._mm.madvise(mmap.MADV_DONTNEED, *self._last)
+            last = getattr(self._last, "span", None)
+            if last is not None:
+                self._mm.madvise(mmap.MADV_DONTNEED, *last)
             lo = (self.start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
             hi = self.start + begin + count * dtype.itemsize
-            self._last = (lo, hi - lo) if hi > lo else None
+            self._last.span = (lo, hi - lo) if hi > lo else None
         x = np.frombuffer(self._mm, dtype=dtype, count=count, offset=self.start + begin)
         return x.reshape(shape)  # read-only view of the mapped file
 

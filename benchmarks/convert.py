@@ -35,6 +35,7 @@ import numpy as np
 from lov_jax.config import preset
 from lov_jax.convert.export import ShardWriter
 from lov_jax.convert.hf_keys import flatten, hf_entries, param_shapes
+from lov_jax.convert.safetensors_io import read_safetensors
 
 _HF_BASELINE = """
 import sys, torch
@@ -96,18 +97,23 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default: a temp dir under /tmp")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--reuse-src", action="store_true", help="reuse WORKDIR/hf_src of a --keep run")
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lov_convert_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     src, ob, back, hf_out = (work / n for n in ("hf_src", "orbax", "hf_back", "hf_resaved"))
-    for p in (src, ob, back, hf_out):
+    reuse = args.reuse_src and (src / "config.json").is_file()
+    for p in (ob, back, hf_out) if reuse else (src, ob, back, hf_out):
         shutil.rmtree(p, ignore_errors=True)
     try:
         t0 = time.perf_counter()
-        size = build_checkpoint(src, args.preset, args.dtype)
-        print(f"built {args.preset} {args.dtype}: {size / 1e9:.2f} GB in "
-              f"{time.perf_counter() - t0:.0f} s at {src}", flush=True)  # fmt: skip
+        if reuse:
+            size = sum(x.nbytes for x in read_safetensors(src).values())
+        else:
+            size = build_checkpoint(src, args.preset, args.dtype)
+        print(f"{'reused' if reuse else 'built'} {args.preset} {args.dtype}: {size / 1e9:.2f} GB "
+              f"in {time.perf_counter() - t0:.0f} s at {src}", flush=True)  # fmt: skip
 
         cli = [sys.executable, "-m", "lov_jax.cli", "convert"]
         rows = []

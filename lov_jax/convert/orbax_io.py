@@ -64,6 +64,14 @@ def _params_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=reg, use_compression=False)
 
 
+# OCDBT data files (and so zarr chunks) of at most 8 MiB. Orbax's default writes each
+# leaf as one chunk that TensorStore buffers whole: saving 8.7 GB of 7B-sized bf16
+# leaves peaked at +7.4 GB RSS in 23 s; with 8 MiB files, +0.33 GB in 13 s (64 MiB:
+# +0.95 GB; OV-0.5B hf-to-orbax peaks 1.98 / 2.85 / 2.15 GB at default / 64 / 8 MiB).
+# Chunking does not constrain the restore sharding.
+_DATA_FILE_BYTES = 8 * 2**20
+
+
 def config_json(cfg: ModelConfig) -> dict:
     """The `config` item of a converted checkpoint (training adds its own keys)."""
     return {"model": cfg.to_hf_config()}
@@ -81,7 +89,12 @@ def save_checkpoint(
         ckptr.save(
             path,
             ocp.args.Composite(
-                **{PARAMS: ocp.args.PyTreeSave(params), CONFIG: ocp.args.JsonSave(config_json(cfg))}
+                **{
+                    PARAMS: ocp.args.PyTreeSave(
+                        params, ocdbt_target_data_file_size=_DATA_FILE_BYTES
+                    ),
+                    CONFIG: ocp.args.JsonSave(config_json(cfg)),
+                }
             ),
         )
     copy_assets(assets_from, path / ASSETS)

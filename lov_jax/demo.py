@@ -2,7 +2,8 @@
 
 1. data     a synthetic "shapes" set (data_pipelines/synthetic.py): single images of
             varied sizes and aspect ratios (colour, position, count questions), two-image
-            comparisons and short mp4 videos of a moving shape, in LLaVA json format.
+            comparisons (same colour or not) and short mp4 videos of a shape moving from
+            the centre to one side, in LLaVA json format.
 2. stage 1  the `demo` preset (112px crops; same code paths as the real model) trains
             the projector only, on captions with the `plain` template (729 -> 64 tokens
             per square image at this geometry).
@@ -14,13 +15,18 @@
             through the eval runner (`lov-jax eval`).
 5. export   Orbax -> HF safetensors; reloaded with `transformers` and compared with
             our model on a test image, a two-image prompt and a video (check-parity).
-Exit status 0 when both losses fell, the export matches, and at least one task type is
-clearly above chance; the report says how many of the five are.
+Exit status 0 when the losses fell, the export matches, and at least one task type is
+clearly (> +0.10) above chance; the report says how many of the five are (four of five
+in the last run: the two-image comparison stays at chance).
 Deviations from the published recipe: the demo model starts from random weights (there
 is no pretrained tiny LLM), so stage 2 uses larger learning rates than 1e-5 / 2e-6; and
 2-SI holds only the spatial questions. Trained together from the start, colour (learned
 in a few dozen steps) kept position at chance in every mix tried, while position alone
-reached 1.00 in 100 steps; learned first, it survives the OV mix.
+reached 1.00 in 100 steps; learned first, it survives the OV mix. The data is shaped for
+a 2-layer model that trains for minutes (see synthetic.py): shapes of equal area, so
+that the covered area gives the count; motion from the centre, so that later frames show
+the direction; a same-colour question rather than "which image shows X" (binding a
+colour to the image order stayed at chance); three times as many comparisons in training.
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ def write_eval_tasks(data: Path, out: Path) -> list[Path]:
 
 def run_demo(
     out_dir: str | Path = "demo_out",
-    n_train: int = 1000,
+    n_train: int = 5600,
     n_test: int = 250,
     steps: dict[str, int] | None = None,
 ) -> int:

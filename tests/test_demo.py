@@ -19,18 +19,20 @@ from data_pipelines.synthetic import (
     COUNT_WORDS,
     SI_TASKS,
     TASKS,
+    TRAIN_MIX,
     make_shapes_dataset,
 )
 
 
 @pytest.mark.parametrize("multi_turn", [False, True])
 def test_shapes_dataset_records(tmp_path, multi_turn):
-    paths = make_shapes_dataset(tmp_path, n_train=20, n_test=10, seed=3, multi_turn=multi_turn)
+    paths = make_shapes_dataset(tmp_path, n_train=14, n_test=10, seed=3, multi_turn=multi_turn)
     train = json.loads(paths["train"].read_text())
     test = json.loads(paths["test"].read_text())
-    assert Counter(r["task"] for r in train) == {t: 4 for t in TASKS}
+    assert Counter(r["task"] for r in train) == {t: 2 * TRAIN_MIX[t] for t in TASKS}
+    assert Counter(r["task"] for r in test) == {t: 2 for t in TASKS}
     answers = {"color": set(COLORS), "position": {"left", "right"}, "count": set(COUNT_WORDS),
-               "compare": {"first", "second"}, "motion": {"left", "right"}}  # fmt: skip
+               "compare": {"yes", "no"}, "motion": {"left", "right"}}  # fmt: skip
     for r in test:  # one question each; the answer is in the task's answer set
         human, gpt = r["conversations"]
         assert human["value"].count("<image>") == (2 if r["task"] == "compare" else 1)
@@ -45,10 +47,28 @@ def test_shapes_dataset_records(tmp_path, multi_turn):
         for m in media if isinstance(media, list) else [media]:
             assert (tmp_path / m).is_file()
     train_si = json.loads(paths["train_si"].read_text())
-    assert train_si == [r for r in train if r["task"] in SI_TASKS] and len(train_si) == 8
+    assert train_si == [r for r in train if r["task"] in SI_TASKS] and len(train_si) == 4
     captions = json.loads(paths["captions"].read_text())
-    assert len(captions) == 8 and all(c["conversations"][0]["value"] == "<image>" for c in captions)
+    assert len(captions) == 4 and all(c["conversations"][0]["value"] == "<image>" for c in captions)
     assert set(CHANCE) == set(TASKS)
+
+
+def test_count_images_cover_area_in_proportion_to_the_count(tmp_path):
+    """Shapes of one kind-independent area: the covered fraction says the count."""
+    import numpy as np
+    from PIL import Image
+
+    paths = make_shapes_dataset(tmp_path, n_train=84, n_test=0, seed=1)
+    per_shape = []
+    for r in json.loads(paths["train"].read_text()):
+        if r["task"] != "count":
+            continue
+        img = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
+        covered = (np.abs(img - 128).sum(-1) > 30).mean()
+        per_shape.append(covered / (COUNT_WORDS.index(r["conversations"][1]["value"]) + 1))
+    assert len(per_shape) == 12
+    # pi * 0.13^2 = 0.053 of the image per shape, whatever its kind, size or aspect
+    assert 0.045 < min(per_shape) and max(per_shape) < 0.06, per_shape
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -324,12 +324,14 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in x.shape)
 
 
+_WORKERS = min(8, os.cpu_count() or 1)  # conversion threads (hf_to_params)
+
+
 def hf_to_params(
     tensors: Mapping[str, Any],
     cfg: ModelConfig,
     *,
     dtype: str | np.dtype | None = None,
-    workers: int | None = None,
 ) -> dict:
     """HF state dict (any layout of REFERENCE.md 9) -> nested dict of numpy arrays.
 
@@ -338,11 +340,10 @@ def hf_to_params(
     Raises one CheckpointError listing every unknown, missing, misshapen or
     doubly-provided tensor.
 
-    Tensors are read and written into their leaves by `workers` threads (default:
-    the CPU count, at most 8): numpy releases the GIL while copying, and the
-    transposes of 16-bit kernels are the slow part (measured 4.9 s -> 1.5 s for
-    OV-0.5B on 2 cores). Each worker fetches its own tensor, so a lazy mapping is
-    read one tensor per worker at a time.
+    Tensors are read and written into their leaves by `_WORKERS` threads: numpy
+    releases the GIL while copying, and the transposes of 16-bit kernels are the slow
+    part (measured 4.9 s -> 1.5 s for OV-0.5B on 2 cores). Each worker fetches its own
+    tensor, so a lazy mapping is read one tensor per worker at a time.
     """
     out_dtype = None if dtype is None else np.dtype(dtype)
     shapes = flatten(param_shapes(cfg))
@@ -395,8 +396,7 @@ def hf_to_params(
         out[path][layer] = y
         return None
 
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(_WORKERS) as pool:
         errors += [e for e in pool.map(fill, jobs) if e is not None]
 
     for name, path, layer, _ in _entries(cfg):

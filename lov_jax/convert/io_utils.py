@@ -79,7 +79,7 @@ def _fsync(p: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
+def _fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root` (files Orbax already synced cost ~0)."""
     for dirpath, _, files in os.walk(root):
         for f in files:
@@ -103,7 +103,7 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     tmp = out.parent / f".{out.name}.partial-{tag}"
     try:
         yield tmp
-        fsync_tree(tmp)
+        _fsync_tree(tmp)
         if out.exists() or out.is_symlink():
             if not overwrite:
                 raise CheckpointError(f"output {out} appeared while converting; not replaced")

@@ -57,21 +57,7 @@ class _Embeddings(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         init = nn.with_logical_partitioning
-        patches = nn.Conv(
-            cfg.hidden_size,
-            kernel_size=(cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size),
-            padding="VALID",  # 27*14 = 378: the last 6 pixel rows/cols are never seen
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=init(
-                nn.initializers.lecun_normal(), ("conv_height", "conv_width", "channels", "embed")
-            ),
-            bias_init=init(nn.initializers.zeros_init(), ("embed",)),
-            name="patch_embedding",
-        )(x)  # [B, 27, 27, D]
-        b = patches.shape[0]
-        patches = patches.reshape(b, cfg.num_patches, cfg.hidden_size)  # row-major y*27+x
+        patches = _PatchEmbedding(cfg, self.dtype, self.param_dtype, name="patch_embedding")(x)
         pos = nn.Embed(
             cfg.num_patches,
             cfg.hidden_size,
@@ -85,6 +71,44 @@ class _Embeddings(nn.Module):
             name="position_embedding",
         )
         return patches + pos.embedding.astype(self.dtype)[None]
+
+
+class _PatchEmbedding(nn.Module):
+    """SigLIP's 14x14 stride-14 "VALID" conv, computed as patchify + one matmul.
+
+    Same parameters as `nn.Conv` (kernel [p, p, C, D], bias [D], same init) and the same
+    result up to fp32 summation order; XLA:CPU ran the conv's weight gradient as one slow
+    convolution (~30% of the demo's train step).
+    """
+
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, p = self.cfg, self.cfg.patch_size
+        init = nn.with_logical_partitioning
+        channels = x.shape[-1]
+        kernel_axes = ("conv_height", "conv_width", "channels", "embed")
+        kernel = self.param(
+            "kernel",
+            init(nn.initializers.lecun_normal(), kernel_axes),
+            (p, p, channels, cfg.hidden_size),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", init(nn.initializers.zeros_init(), ("embed",)), (cfg.hidden_size,),
+            self.param_dtype,
+        )  # fmt: skip
+        b, n = x.shape[0], x.shape[1] // p  # 27*14 = 378: the last 6 pixel rows/cols unseen
+        x = x[:, : n * p, : n * p].astype(self.dtype)
+        # [B, n, p, n, p, C] -> [B, n (y), n (x), p (py), p (px), C]: one patch per row, its
+        # pixels in the kernel's (py, px, c) order
+        x = x.reshape(b, n, p, n, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, n * n, p * p * channels)
+        w = jnp.asarray(kernel, self.dtype).reshape(p * p * channels, cfg.hidden_size)
+        return x @ w + jnp.asarray(bias, self.dtype)  # [B, n*n, D], row-major y*n+x
 
 
 class _Encoder(nn.Module):

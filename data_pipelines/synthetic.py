@@ -35,8 +35,8 @@ TASKS = ("color", "position", "count", "compare", "motion")
 SI_TASKS = ("position", "count")
 # Training records per cycle of tasks (test records: one per task per cycle). The
 # two-image question is the one the tiny model learns slowest: at equal shares it stayed
-# at chance after 150 2-OV steps; three shares reached 0.66 in one run but 0.48 in the
-# full demo (closing note of issue 5).
+# at chance after 150 2-OV steps, and at three shares too (0.48); three shares and 300
+# steps learn it (closing note of issue 5).
 TRAIN_MIX = {"color": 1, "position": 1, "count": 1, "compare": 3, "motion": 1}
 CHANCE = {"color": 1 / 4, "position": 1 / 2, "count": 1 / 3, "compare": 1 / 2, "motion": 1 / 2}
 

@@ -21,7 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 def _demo(args) -> int:
     from lov_jax.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, seed=args.seed)
 
 
 def _check_parity(args) -> int:
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="embedded end-to-end run on CPU")
     demo.add_argument("--out", default="demo_out", help="working directory")
+    demo.add_argument("--seed", type=int, default=0, help="data, initialisation and shuffling")
     demo.set_defaults(func=_demo)
 
     parity = sub.add_parser("check-parity", help="HF (PyTorch) vs lov_jax on the same raw inputs")

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py [--configs tiny,100m] [--rows 1] [--repeats 3]
                                               [--skip-hf] [--peak-flops F] [--compile-layers 2,24]
+                                              [--loss-tokens K]
 
 1. One full-model optimizer step (forward + backward + AdamW, grad-norm clipping at 1.0,
    fp32) per config, ours (`lov_jax.train.step.Trainer`, one device) and HF's
@@ -106,15 +107,18 @@ def make_workload(cfg: config.ModelConfig, rows: int, seed: int = 0) -> Workload
     return Workload(ours, hf, [length] * rows, n_crops * rows)
 
 
-def make_trainer(cfg: config.ModelConfig) -> Trainer:
+def make_trainer(cfg: config.ModelConfig, loss_tokens: int = 0) -> Trainer:
     c = stage2_ov.get_config("tiny")
     mesh = make_mesh(devices=jax.devices()[:1])
-    return Trainer(cfg, c.optim, mesh, total_steps=100, loss_chunk=c.train.loss_chunk)
+    return Trainer(cfg, c.optim, mesh, total_steps=100, loss_chunk=c.train.loss_chunk,
+                   loss_tokens_per_row=loss_tokens)  # fmt: skip
 
 
-def time_ours(cfg, host_params, work: Workload, repeats: int) -> tuple[float, float, float]:
+def time_ours(
+    cfg, host_params, work: Workload, repeats: int, loss_tokens: int = 0
+) -> tuple[float, float, float]:
     """(first step s incl. compile, median step s, first-step loss)."""
-    trainer = make_trainer(cfg)
+    trainer = make_trainer(cfg, loss_tokens)
     state = trainer.init_state(host_params)
     batch = jax.device_put(stack_micro_batches([work.ours]), trainer.batch_sharding)
     t0 = time.perf_counter()
@@ -212,6 +216,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1, help="rows (= samples) per step")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--loss-tokens", type=int, default=0,
+                   help="ours: train.loss_tokens_per_row (0: the vocab head on every position, "
+                        f"as HF does; {ANSWER_TOKENS}: only on the answer)")  # fmt: skip
     p.add_argument("--peak-flops", type=float, default=0.0, help="FLOP/s for MFU (0: measure)")
     p.add_argument("--compile-layers", default="2,24", help="'' skips the compile figure")
     args = p.parse_args()
@@ -239,7 +246,7 @@ def main() -> None:
         flops = metrics.step_flops(cfg, work.lengths, work.crops, TRAINABLE)
         tokens = sum(work.lengths)
         # Copies: the step donates its state, and HF loads `host` afterwards.
-        ours = time_ours(cfg, jax.tree.map(np.copy, host), work, args.repeats)
+        ours = time_ours(cfg, jax.tree.map(np.copy, host), work, args.repeats, args.loss_tokens)
         first, ours_s, ours_loss = ours
         firsts.append((name, first))
         row = (

@@ -24,12 +24,12 @@ in a few dozen steps) kept position at chance in every mix tried, while position
 reached 1.00; learned first, it survives the OV mix. 2-SI sits on a plateau (answers at
 their prior) until it starts reading the image, at a step that varies with the seed (50
 with seed 0, 120 with seed 1), so it runs 200 steps: at 100 and 150, seed 1 ended at
-chance. The data is shaped for
-a 2-layer model that trains for minutes (see synthetic.py): shapes of equal area, so
-that the covered area gives the count; motion from the centre, so that later frames show
-the direction; a same-colour question rather than "which image shows X" (binding a
-colour to the image order stayed at chance); three times as many comparisons in training
-and 300 2-OV steps (at 150 the comparison stayed at chance; it is learned late).
+chance. The data is shaped for a 2-layer model that trains for minutes (see
+synthetic.py): shapes of equal area, so that the covered area gives the count; motion
+from the centre, so that later frames show the direction; a same-colour question rather
+than "which image shows X" (binding a colour to the image order stayed at chance); three
+times as many comparisons in training and 300 2-OV steps (at 150 the comparison stayed
+at chance; it is learned late).
 """
 
 from __future__ import annotations

@@ -149,9 +149,10 @@ def run_demo(
     data, timings, t0 = out / "data", {}, time.time()
     # finished stages are reused on a rerun: only those made with the same seed
     seed_file = out / "seed"
-    if seed_file.exists() and int(seed_file.read_text()) != seed:
-        raise ValueError(f"{out} holds a demo run with seed {seed_file.read_text()}, not "
-                         f"{seed}: use another --out")  # fmt: skip
+    earlier = seed_file.read_text() if seed_file.exists() else str(seed)
+    if earlier != str(seed):
+        raise ValueError(f"{out} holds a demo run with seed {earlier}, not {seed}: "
+                         "use another --out")  # fmt: skip
     seed_file.write_text(str(seed))
 
     def mark(name, t):

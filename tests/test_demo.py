@@ -1,6 +1,6 @@
 """`lov-jax demo` end to end at smoke scale, and the synthetic data it trains on.
 
-The full demo (the README's main command, ~6 min) is what reaches the accuracy bar;
+The full demo (the README's main command, ~8 min) is what reaches the accuracy bar;
 here every stage runs for a few steps on a few records, so the test checks the
 plumbing (data -> stage 1 -> stage 2 from stage 1 -> eval -> HF export -> transformers
 reload) and the report, not accuracy.

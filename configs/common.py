@@ -1,7 +1,12 @@
-"""Shared pieces of the OneVision stage recipes (REFERENCE.md 8).
+"""What the OneVision stage recipes share (docs/reference.md 8, "Common").
 
-Each stage file defines `get_config(preset)`; `lov-jax train --config
-configs/<stage>.py:<preset> --config.optim.lr=...` loads it and applies overrides.
+Each stage file defines `get_config(preset)` and sets exactly what its stage changes
+(data, trained modules, learning rates, token budgets); `lov-jax train --config
+configs/<stage>.py:<preset> --config.optim.lr=...` loads it and applies overrides (an
+unknown key is an error). The defaults here are the full-model stages' (1.5, 2-SI,
+2-OV): all three modules trained, LLM + projector 1e-5, vision tower 2e-6, Qwen ChatML
+(`qwen_1_5`), 32768-token rows, AdamW 0.9/0.999/1e-8, no weight decay, grad-norm clip
+1.0, cosine with 3% linear warmup, one epoch.
 """
 
 from __future__ import annotations
@@ -9,19 +14,19 @@ from __future__ import annotations
 import ml_collections
 
 PRESETS = ("tiny", "demo", "ov_0_5b", "ov_7b", "ov_72b")
+_SMALL = ("tiny", "demo")  # CPU-sized presets: fp32 compute, no remat
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose from {PRESETS}")
     c = ml_collections.ConfigDict()
-    c.stage = ""
     c.model = ml_collections.ConfigDict(
         {
             "preset": preset,
-            "dtype": "float32" if preset in ("tiny", "demo") else "bfloat16",
+            "dtype": "float32" if preset in _SMALL else "bfloat16",
             "param_dtype": "float32",
-            "remat_policy": "none" if preset in ("tiny", "demo") else "full",
+            "remat_policy": "none" if preset in _SMALL else "full",
             "attention_impl": "xla",
         }
     )
@@ -36,14 +41,17 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         {
-            "train_path": "",  # json / jsonl / data yaml mixture
+            # json / jsonl / data yaml mixture / parquet / array_record; each stage names
+            # its recipe's file (relative: pass your own with --config.data.train_path=)
+            "train_path": "",
             "image_folder": "",
             "video_folder": "",
-            "template": "qwen",  # qwen | plain
+            # qwen (orig qwen_1_5) | plain (stage 1; its images are then square, 729
+            # tokens, no newline: data_pipelines/records.py)
+            "template": "qwen",
             "loss_mask": "llava_next",  # llava_next | assistant
             "system_prompt": "You are a helpful assistant.",
-            "image_mode": "anyres",  # anyres | square (stage 1)
-            "frames_upbound": 32,
+            "frames_upbound": 32,  # video frame cap (finetune_ov.sh; earlier stages: no video)
             "seq_len": 32768,  # L tokens per row
             "max_crops": 84,  # N crops per row (~L/400 on the OV mix)
             "rows_per_host": 1,  # B rows per host per micro-batch
@@ -74,8 +82,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
         {
             "epochs": 1,
             "num_steps": -1,  # < 0: derived from the data size and epochs
-            "log_every": 1,
-            "ckpt_every": 1000,
+            "ckpt_every": 1000,  # orig save_steps
             "ckpt_keep": 3,
             "ckpt_keep_period": 0,  # also keep every K-th step (0: off)
             "loss_chunk": 1024,

@@ -38,61 +38,10 @@ import json
 import time
 from pathlib import Path
 
-DEMO_STEPS = {"stage1": 40, "stage2_si": 200, "stage2_ov": 300}
 FINAL_STAGE = "stage2_ov"
 # Trained weights give logits of larger magnitude than the random parity-test models, so
 # fp32 round-off between PyTorch and XLA grows with them: 1e-3 absolute here.
 EXPORT_ATOL = 1e-3
-
-
-def _common(c, out: Path, data: Path, steps: int, seed: int):
-    c.data.seed = c.train.seed = seed
-    c.data.image_folder = c.data.video_folder = str(data)
-    c.data.system_prompt = ""  # prompts as the HF chat template renders them (eval too)
-    c.mesh.num_devices = 1
-    c.train.num_steps = steps
-    c.train.loss_chunk = 128
-    c.train.ckpt_every = steps
-    c.train.ckpt_keep = 1
-    return c
-
-
-def stage1_config(out: Path, data: Path, steps: int, seed: int = 0):
-    from configs import stage1
-
-    c = _common(stage1.get_config("demo"), out, data, steps, seed)
-    c.data.train_path = str(data / "captions.json")
-    c.data.seq_len, c.data.max_crops, c.data.rows_per_host = 512, 8, 4
-    c.train.loss_tokens_per_row = 64
-    return c
-
-
-def stage2_config(out: Path, data: Path, steps: int, stage: str = "stage2_ov", seed: int = 0):
-    """2-SI (from stage 1, `train_si.json`) or 2-OV (from 2-SI, `train.json`)."""
-    from configs import stage2_ov, stage2_si
-
-    recipe, init, train = {
-        "stage2_si": (stage2_si, "stage1", "train_si.json"),
-        "stage2_ov": (stage2_ov, "stage2_si", "train.json"),
-    }[stage]  # fmt: skip
-    c = _common(recipe.get_config("demo"), out, data, steps, seed)
-    c.init_from = str(out / init)
-    c.data.train_path = str(data / train)
-    # ~4 samples per 512-token row; <= 12 crops per row (~2 per sample at these sizes)
-    c.data.seq_len, c.data.max_crops, c.data.rows_per_host = 512, 12, 8
-    c.data.frames_upbound = 4
-    c.data.loss_mask = "assistant"  # HF convention; fewer positions through the vocab
-    c.train.loss_tokens_per_row = 12  # measured: <= 6 trained tokens per row in 2-SI, <= 10 in 2-OV
-    c.optim.lr, c.optim.vision_lr = 3e-3, 1e-3
-    c.optim.warmup_ratio = 0.05
-    return c
-
-
-STAGES = (
-    ("stage1", stage1_config),
-    ("stage2_si", lambda out, data, n, seed: stage2_config(out, data, n, "stage2_si", seed)),
-    ("stage2_ov", lambda out, data, n, seed: stage2_config(out, data, n, "stage2_ov", seed)),
-)
 
 
 def write_eval_tasks(data: Path, out: Path) -> list[Path]:
@@ -132,9 +81,10 @@ def run_demo(
 ) -> int:
     """The whole demo; writes `report.json` in `out_dir`; returns the exit status.
 
-    `steps` ({stage: n} for stages of `DEMO_STEPS`) shortens the run (the smoke test); the
-    accuracy bar is only meaningful at the default `DEMO_STEPS`. `seed` seeds the data,
-    the initialisation and the shuffling."""
+    The stage configs are configs/demo.py's. `steps` ({stage: n} for stages of its
+    `STEPS`) shortens the run (the smoke test); the accuracy bar is only meaningful at
+    the default `STEPS`. `seed` seeds the data, the initialisation and the shuffling."""
+    from configs import demo as recipe
     from data_pipelines.synthetic import CHANCE, TASKS, make_shapes_dataset
     from data_pipelines.tokenizer import load_tokenizer
     from lov_jax.convert.export import orbax_to_hf
@@ -143,7 +93,7 @@ def run_demo(
     from lov_jax.pretrained import load_pretrained
     from lov_jax.train.run import train_from_config
 
-    steps = dict(DEMO_STEPS, **(steps or {}))
+    steps = dict(recipe.STEPS, **(steps or {}))
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     data, timings, t0 = out / "data", {}, time.time()
@@ -164,12 +114,13 @@ def run_demo(
     mark("data", t)
 
     results = {}
-    for stage, make in STAGES:
+    for stage in recipe.STAGES:
         if (out / stage / "checkpoints" / str(steps[stage])).exists():
             print(f"[demo] {stage}: reusing the finished run in {out / stage}")
             continue
         t = time.time()
-        result = train_from_config(make(out, data, steps[stage], seed), out / stage)
+        config = recipe.stage_config(stage, out, data, steps[stage], seed)
+        result = train_from_config(config, out / stage)
         first, last = result.losses[min(result.losses)], result.losses[max(result.losses)]
         results[stage] = (first, last)
         print(f"[demo] {stage}: loss {first:.3f} -> {last:.3f}")

@@ -8,6 +8,7 @@ keeps argparse.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import sys
 from pathlib import Path
@@ -40,14 +41,43 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
             raise ValueError(f"override {item!r} needs '=value'")
         *parents, leaf = key.split(".")
         node = config
-        for p in parents:
-            if p not in node:
-                raise KeyError(f"unknown config field {key!r}")
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"unknown config field {key!r}")
+        for depth, name in enumerate([*parents, leaf]):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise UnknownConfigField(key, config, ".".join(key.split(".")[:depth]))
+            if depth < len(parents):
+                node = node[name]
         node[leaf] = _parse_like(node[leaf], raw, key)
     return config
+
+
+class UnknownConfigField(KeyError):
+    """An override names a field the stage config does not have (a typo is an error, never
+    a new field nothing reads)."""
+
+    def __init__(self, key: str, config: ml_collections.ConfigDict, parent: str):
+        fields = sorted(_leaf_paths(config))
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        node = config
+        for name in parent.split(".") if parent else []:
+            node = node[name]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if isinstance(node, ml_collections.ConfigDict):
+            where = f"{parent or 'the config'} has: {', '.join(sorted(node.keys()))}"
+        else:
+            where = f"{parent} is a value, not a group"
+        super().__init__(f"unknown config field {key!r}{hint}; {where}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = ""):
+    for name, value in config.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaf_paths(value, path + ".")
+        else:
+            yield path
 
 
 def _parse_like(current, raw: str, key: str):
@@ -58,6 +88,8 @@ def _parse_like(current, raw: str, key: str):
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError) as err:
+        if isinstance(current, tuple):  # --config.optim.trainable=projector,llm
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
         raise ValueError(f"cannot parse {raw!r} for config field {key!r}") from err
     if isinstance(current, bool):
         if not isinstance(value, bool):

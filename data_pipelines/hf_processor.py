@@ -74,8 +74,12 @@ def save_hf_processor_files(
 
     `tokenizer` defaults to `build_qwen2_tokenizer()` (cached under ~/.cache/lov_jax).
     """
-    out = Path(out_dir)
-    paths = save_hf_tokenizer_files(out, tokenizer)
+    return save_hf_tokenizer_files(out_dir, tokenizer) + save_processor_configs(out_dir, cfg)
+
+
+def save_processor_configs(out_dir: str | os.PathLike, cfg: ModelConfig) -> list[Path]:
+    """preprocessor_config.json + processor_config.json; returns the paths."""
+    out, paths = Path(out_dir), []
     for name, obj in (
         ("preprocessor_config.json", preprocessor_config(cfg)),
         ("processor_config.json", processor_config(cfg)),

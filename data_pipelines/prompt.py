@@ -33,18 +33,19 @@ def expand_placeholders(
     """Replace the i-th placeholder id with `num_tokens(items[i])` copies of it.
 
     Placeholders and items must agree in number and kind (`video` items go with
-    `cfg.video_token_id`, all others with `cfg.image_token_id`).
+    `cfg.ids.video`, all others with `cfg.ids.image`).
     """
     out: list[int] = []
     remaining = list(items)
+    visual = cfg.ids.visual
     for pos, tok in enumerate(ids):
-        if tok not in (cfg.image_token_id, cfg.video_token_id):
+        if tok not in visual:
             out.append(int(tok))
             continue
         if not remaining:
             raise ValueError(f"placeholder at token {pos} has no visual item left to fill it")
         item = remaining.pop(0)
-        wanted = cfg.video_token_id if item.kind == "video" else cfg.image_token_id
+        wanted = cfg.ids.placeholder_id(item.kind)
         if tok != wanted:
             raise ValueError(f"placeholder at token {pos} is id {tok} but item is {item.kind!r}")
         out += [int(tok)] * visual_layout.num_tokens(item, cfg)

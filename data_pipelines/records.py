@@ -1,21 +1,16 @@
 """Record -> Sample: media decoding, visual kinds, chat template, expansion, targets.
 
-`process_record` raises `SkipSample(reason, message)` for bad input; `SkipCounter`
-applies the policy (`skip`: drop, count the reason and log; `raise`: `BadRecordError`
-naming the record id and file). Reasons:
-
-  missing_image, corrupt_image, missing_video, corrupt_video, empty_video  (media.py)
-  placeholder_mismatch  `<image>` count != image list length (video: != 1)
-  malformed_record      unknown field types, roles, missing conversations
-  too_long              over `max_tokens` / `max_crops` (never truncated)
+`process_record` raises `BadSample(reason, message)` for bad input, the message naming
+the record id and file[index]; the loader applies the policy (`sample.POLICIES`: skip and
+count `skip/<reason>`, or raise). Reasons (`sample.Reason`): media.py's missing / corrupt
+/ empty media; `placeholder_mismatch` (`<image>` count != image list length, video: != 1);
+`malformed_record` (field types, roles, missing conversations); `too_long_tokens` /
+`too_many_crops` (over `max_tokens` / `max_crops`, never truncated).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,15 +18,11 @@ import numpy as np
 from data_pipelines import chat, media
 from data_pipelines.image_processing import preprocess
 from data_pipelines.prompt import expand_placeholders
-from data_pipelines.sample import Sample, SkipSample
+from data_pipelines.sample import BadSample, Reason, Sample, over_budget
 from data_pipelines.sources import INDEX_KEY, SOURCE_KEY
 from lov_jax import visual_layout
 from lov_jax.config import ModelConfig
 
-log = logging.getLogger(__name__)
-
-POLICIES = ("skip", "raise")
-PAD_ID = 151643  # <|endoftext|>, Qwen2-Instruct's pad token (REFERENCE.md 7.3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +34,6 @@ class RecordOptions:
     video: media.VideoOptions = media.VideoOptions()
     max_tokens: int | None = None
     max_crops: int | None = None
-    pad_id: int = PAD_ID
-
-
-class BadRecordError(ValueError):
-    """Bad input under policy `raise`; `reason` as in SkipSample."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def record_name(record: Any) -> str:
@@ -80,22 +62,22 @@ def _image_refs(record: dict) -> list[Any]:
 def process_record(
     record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions = RecordOptions()
 ) -> Sample:
-    """One LLaVA record (as `sources` yields it) -> Sample, or SkipSample with the record
+    """One LLaVA record (as `sources` yields it) -> Sample, or BadSample with the record
     named in the message."""
     try:
         return _process(record, cfg, tokenizer, options)
-    except SkipSample as err:
-        raise SkipSample(err.reason, f"{err.reason}: record {record_name(record)}: {err}") from err
+    except BadSample as err:
+        raise BadSample(err.reason, f"{err.reason}: record {record_name(record)}: {err}") from err
 
 
 def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) -> Sample:
     if not isinstance(record, dict):
-        raise SkipSample("malformed_record", f"record is a {type(record).__name__}")
+        raise BadSample(Reason.MALFORMED_RECORD, f"record is a {type(record).__name__}")
     rid = str(record.get("id", f"{record.get(SOURCE_KEY, '')}#{record.get(INDEX_KEY, '')}"))
     image_refs = _image_refs(record)
     video_ref = record.get("video")
     if image_refs and video_ref is not None:
-        raise SkipSample("malformed_record", "record has both `image` and `video`")
+        raise BadSample(Reason.MALFORMED_RECORD, "record has both `image` and `video`")
     has_media = bool(image_refs) or video_ref is not None
     chat_opts = options.chat
 
@@ -105,18 +87,18 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
     n_image, n_video = chat.count_placeholders(turns)
     if video_ref is not None:
         if n_image + n_video != 1:
-            raise SkipSample(
-                "placeholder_mismatch",
+            raise BadSample(
+                Reason.PLACEHOLDER_MISMATCH,
                 f"video record needs exactly one <image>/<video>, text has {n_image + n_video}",
             )
         turns = chat.image_to_video_placeholder(turns)
     elif n_video or n_image != len(image_refs):
-        raise SkipSample(
-            "placeholder_mismatch",
+        raise BadSample(
+            Reason.PLACEHOLDER_MISMATCH,
             f"text has {n_image} <image> and {n_video} <video> for {len(image_refs)} image(s)",
         )
     if chat_opts.template == "plain" and len(image_refs) > 1:
-        raise SkipSample("placeholder_mismatch", "plain template takes one image")
+        raise BadSample(Reason.PLACEHOLDER_MISMATCH, "plain template takes one image")
     ids, trained = chat.tokenize_conversation(turns, tokenizer, chat_opts)
 
     # Media -> crops, in placeholder order (orig: image list order).
@@ -135,17 +117,16 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
             crops.append(c)
             items.append(item)
     num_crops = sum(len(c) for c in crops)
-    if options.max_crops is not None and num_crops > options.max_crops:
-        raise SkipSample("too_long", f"{num_crops} crops > max_crops {options.max_crops}")
-
-    visual_ids = (cfg.image_token_id, cfg.video_token_id)
+    visual_ids = cfg.ids.visual
     counts = [visual_layout.num_tokens(item, cfg) for item in items]
     total = len(ids) - len(items) + sum(counts)
-    if options.max_tokens is not None and total > options.max_tokens:
-        raise SkipSample("too_long", f"{total} tokens > max_tokens {options.max_tokens}")
+    reason = over_budget(total, num_crops, options.max_tokens, options.max_crops)
+    if reason is not None:
+        raise BadSample(reason, f"{total} tokens, {num_crops} crops > budgets "
+                        f"max_tokens {options.max_tokens}, max_crops {options.max_crops}")  # fmt: skip
     tokens = expand_placeholders(ids, items, cfg)
     labels = chat.expand_trained(ids, trained, counts, visual_ids)
-    targets, loss_mask = chat.next_token_targets(tokens, labels, visual_ids, options.pad_id)
+    targets, loss_mask = chat.next_token_targets(tokens, labels, visual_ids, cfg.ids.pad)
     s = cfg.vision.image_size
     all_crops = np.concatenate(crops) if crops else np.zeros((0, s, s, 3), np.uint8)
     return Sample(
@@ -157,49 +138,3 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
         items=items,
         source=str(record.get(SOURCE_KEY, "")),
     )
-
-
-class SkipCounter:
-    """Applies the bad-input policy and counts skip reasons.
-
-    policy "skip": a SkipSample becomes None, `counts[reason] += 1`, logged (the first
-    `log_first` per reason at WARNING, later ones at DEBUG). policy "raise":
-    BadRecordError with the record's id and file. Counts are plain dicts so per-worker
-    counters can be merged (`merge`) and reported by the loader.
-    """
-
-    def __init__(self, policy: str = "skip", log_first: int = 10):
-        if policy not in POLICIES:
-            raise ValueError(f"policy {policy!r} not in {POLICIES}")
-        self.policy, self.log_first = policy, log_first
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.seen = 0
-
-    def apply(self, fn: Callable[..., Sample], record: Any, *args, **kwargs) -> Sample | None:
-        self.seen += 1
-        try:
-            return fn(record, *args, **kwargs)
-        except SkipSample as err:
-            if self.policy == "raise":
-                raise BadRecordError(err.reason, str(err)) from err
-            self.counts[err.reason] += 1
-            level = logging.WARNING if self.counts[err.reason] <= self.log_first else logging.DEBUG
-            log.log(level, "skipping sample: %s", err)
-            return None
-
-    def process(
-        self, record: Any, cfg: ModelConfig, tokenizer, options: RecordOptions = RecordOptions()
-    ) -> Sample | None:
-        return self.apply(process_record, record, cfg, tokenizer, options)
-
-    @property
-    def skipped(self) -> int:
-        return sum(self.counts.values())
-
-    def stats(self) -> dict[str, int]:
-        return {"seen": self.seen, "skipped": self.skipped, **dict(sorted(self.counts.items()))}
-
-    def merge(self, other: SkipCounter | dict[str, int]) -> None:
-        counts = other.counts if isinstance(other, SkipCounter) else other
-        self.counts.update({k: v for k, v in counts.items() if k not in ("seen", "skipped")})
-        self.seen += other.seen if isinstance(other, SkipCounter) else other.get("seen", 0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.sample import Sample, SkipSample
+from data_pipelines.sample import BadSample, Sample
 from lov_jax import visual_layout
 from lov_jax.config import ModelConfig
 from lov_jax.visual_layout import VisualItem
@@ -99,7 +99,7 @@ class SyntheticProcess:
     "preprocess": random-content images/frames of the record's sizes go through the real
     `image_processing.preprocess` (anyres / pad / video), i.e. the host preprocessing cost
     without file decoding. Text is random ids; the second half of the text is trained.
-    A record with a "skip" key raises SkipSample with that reason (bad-input tests).
+    A record with a "skip" key raises BadSample with that reason (bad-input tests).
     """
 
     def __init__(self, cfg: ModelConfig, pixels: str = "zeros", video_hw=(360, 640)):
@@ -131,7 +131,7 @@ class SyntheticProcess:
 
     def __call__(self, record: dict) -> Sample:
         if record.get("skip"):  # a synthetic bad record, e.g. {"skip": "missing_image"}
-            raise SkipSample(record["skip"], f"{record['skip']}: synthetic record {record['id']}")
+            raise BadSample(record["skip"], f"{record['skip']}: synthetic record {record['id']}")
         cfg = self.cfg
         rng = np.random.default_rng(record["seed"])
         items = record_items(record)
@@ -139,7 +139,7 @@ class SyntheticProcess:
         head = len(text) // 2
         runs = []
         for it in items:
-            pid = cfg.video_token_id if it.kind == "video" else cfg.image_token_id
+            pid = cfg.ids.placeholder_id(it.kind)
             runs.append(np.full(visual_layout.num_tokens(it, cfg), pid, np.int32))
         tokens = np.concatenate([text[:head], *runs, text[head:]]).astype(np.int32)
         targets = np.append(tokens[1:], 0).astype(np.int32)

@@ -183,6 +183,13 @@ def _build(tiktoken_file: Path) -> tokenizers.Tokenizer:
     return tok
 
 
+def qwen2_token_ids(tok: tokenizers.Tokenizer):
+    """The special ids of a Qwen-2 ChatML tokenizer: pad `<|endoftext|>`, stop `<|im_end|>`."""
+    from lov_jax.token_ids import token_ids_from_tokenizer
+
+    return token_ids_from_tokenizer(tok, pad=ENDOFTEXT, eos=(IM_END,))
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("LOV_JAX_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lov_jax"

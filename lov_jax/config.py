@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
+from lov_jax.token_ids import TokenIds
+
 # 36 (h, w) pairs: outer loop over heights, inner over widths, multiples of 384.
 _GRID_SIDES = (384, 768, 1152, 1536, 1920, 2304)
 ANYRES_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
@@ -63,8 +65,6 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +73,13 @@ class ModelConfig:
 
     `dtype` is the compute dtype, `param_dtype` the master-weight dtype.
     `remat_policy` is one of REMAT_POLICIES, applied to every scanned block.
+    `token_ids` come from the checkpoint's or tokenizer's files (lov_jax/token_ids.py),
+    never from a preset: a preset is a size, its vocabulary is the tokenizer's.
     """
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
-    image_token_id: int = 151646
-    video_token_id: int = 151647
+    token_ids: TokenIds | None = None
     vision_aspect_ratio: str = "anyres_max_9"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ANYRES_GRID_PINPOINTS
     video_pool_size: int = 14  # ceil(27 / 2): frames are pooled 27x27 -> 14x14
@@ -94,6 +95,19 @@ class ModelConfig:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if self.text.num_heads % self.text.num_kv_heads:
             raise ValueError("text.num_heads must be a multiple of text.num_kv_heads")
+        if self.token_ids is not None:
+            self.token_ids.check(self.text.vocab_size, "ModelConfig.token_ids")
+
+    @property
+    def ids(self) -> TokenIds:
+        """The special ids; an error when this config was built without them."""
+        if self.token_ids is None:
+            raise ValueError(
+                "this ModelConfig has no token ids: load it from a checkpoint "
+                "(lov_jax.load_pretrained) or give it a tokenizer's "
+                "(cfg.replace(token_ids=lov_jax.token_ids.token_ids_from_tokenizer(...)))"
+            )
+        return self.token_ids
 
     @property
     def max_num_patches(self) -> int:
@@ -110,7 +124,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides: Any) -> ModelConfig:
-        """Build from a `LlavaOnevisionConfig` dict (config.json), any transformers era."""
+        """Build from a `LlavaOnevisionConfig` dict (config.json), any transformers era.
+
+        Token ids are not read here: they need generation_config.json and the tokenizer
+        too (`lov_jax.token_ids.read_token_ids`); pass them as `token_ids=`."""
         v, t = hf.get("vision_config", {}), hf.get("text_config", {})
         if t.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported (OV never uses it)")
@@ -143,16 +160,12 @@ class ModelConfig:
             rms_norm_eps=t.get("rms_norm_eps", 1e-6),
             max_position_embeddings=t.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
-            bos_token_id=t.get("bos_token_id") or 151643,
-            eos_token_id=t.get("eos_token_id") or 151645,
         )
         pinpoints = tuple(tuple(p) for p in hf.get("image_grid_pinpoints", ANYRES_GRID_PINPOINTS))
         pps = vision.image_size // vision.patch_size
         return cls(
             vision=vision,
             text=text,
-            image_token_id=hf.get("image_token_index", hf.get("image_token_id", 151646)),
-            video_token_id=hf.get("video_token_index", hf.get("video_token_id", 151647)),
             vision_aspect_ratio=hf.get("vision_aspect_ratio", "anyres_max_9"),
             image_grid_pinpoints=pinpoints,
             video_pool_size=math.ceil(pps / 2),
@@ -162,11 +175,12 @@ class ModelConfig:
     def to_hf_config(self) -> dict:
         """A `LlavaOnevisionConfig` dict that current `transformers` loads unchanged."""
         v, t = self.vision, self.text
+        ids = self.ids
         return {
             "architectures": ["LlavaOnevisionForConditionalGeneration"],
             "model_type": "llava_onevision",
-            "image_token_index": self.image_token_id,
-            "video_token_index": self.video_token_id,
+            "image_token_index": ids.image,
+            "video_token_index": ids.video,
             "projector_hidden_act": "gelu",
             "multimodal_projector_bias": True,
             "vision_feature_select_strategy": "full",
@@ -206,8 +220,9 @@ class ModelConfig:
                 "use_sliding_window": False,
                 "sliding_window": None,
                 "attention_dropout": 0.0,
-                "bos_token_id": t.bos_token_id,
-                "eos_token_id": t.eos_token_id,
+                "bos_token_id": ids.bos,
+                "eos_token_id": ids.eos[0] if len(ids.eos) == 1 else list(ids.eos),
+                "pad_token_id": ids.pad,
             },
         }
 
@@ -242,7 +257,7 @@ def ov_72b(**kw: Any) -> ModelConfig:
 
 
 def tiny(**kw: Any) -> ModelConfig:
-    """A few-MB model with the real patch geometry and token ids (tests, demo)."""
+    """A few-MB model with the real patch geometry (tests)."""
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
     text = TextConfig(
         vocab_size=152000, hidden_size=48, intermediate_size=96, num_layers=2,

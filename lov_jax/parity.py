@@ -100,7 +100,7 @@ def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
     before, after = text.split("<video>", 1)
     inputs = dict(processor(text=before, images=image_arg, return_tensors="pt"))
     item = visual_layout.VisualItem(kind="video", num_frames=len(frame_crops))
-    ids = inputs["input_ids"][0].tolist() + [cfg.video_token_id] * visual_layout.num_tokens(
+    ids = inputs["input_ids"][0].tolist() + [cfg.ids.video] * visual_layout.num_tokens(
         item, cfg
     )
     ids += processor.tokenizer(after, add_special_tokens=False)["input_ids"]

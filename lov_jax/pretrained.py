@@ -62,3 +62,26 @@ def load_pretrained(
             f"{step_dir}: params do not match config:\n  " + "\n  ".join(problems)
         )
     return cfg, orbax_io.restore_params(step_dir, cfg, meta, dtype=dtype, mesh=mesh)
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's own `tokenizers.Tokenizer`: tokenizer.json in an HF dir, or in the
+    `assets/` of an Orbax checkpoint (step dir, manager root or training workdir).
+
+    There is no fallback: another vocabulary's ids would silently index the wrong
+    embedding rows (or past the table)."""
+    from data_pipelines.tokenizer import load_tokenizer as load_file
+    from lov_jax.convert import orbax_io
+
+    p = Path(path)
+    candidates = [p, p / "assets"]
+    if not is_hf_dir(p) and orbax_io.is_orbax_checkpoint(p):
+        assets = orbax_io.find_assets(orbax_io.resolve_checkpoint(p))
+        candidates += [assets] if assets is not None else []
+    for d in candidates:
+        if (d / "tokenizer.json").is_file():
+            return load_file(d)
+    raise CheckpointError(
+        f"{p}: no tokenizer.json (looked in {', '.join(str(d) for d in candidates)}); "
+        "copy the checkpoint's tokenizer files there"
+    )

@@ -281,7 +281,7 @@ def row_layout(
 
 
 def _placeholder_id(item: VisualItem, cfg: ModelConfig) -> int:
-    return cfg.video_token_id if item.kind == "video" else cfg.image_token_id
+    return cfg.ids.placeholder_id(item.kind)
 
 
 def place_taps(
@@ -293,8 +293,8 @@ def place_taps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spread the items' taps over their (already expanded) placeholder tokens.
 
-    tokens: int32[L]; placeholders are cfg.image_token_id (anyres/square/pad items) and
-    cfg.video_token_id (video items), consumed in item order like HF's masked_scatter.
+    tokens: int32[L]; placeholders are cfg.ids.image (anyres/square/pad items) and
+    cfg.ids.video (video items), consumed in item order like HF's masked_scatter.
     Each item's placeholders must form one contiguous run.
     Returns (vis_idx int32[L, 4], vis_w float32[L, 4]); text positions point at the zero
     row (num_crop_slots*P*P + 1) with weight 0.
@@ -304,7 +304,9 @@ def place_taps(
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     npatch = cfg.vision.num_patches
     zero_index = num_crop_slots * npatch + 1
-    is_img, is_vid = tokens == cfg.image_token_id, tokens == cfg.video_token_id
+    ids = cfg.ids
+    is_img = tokens == ids.image
+    is_vid = np.zeros_like(is_img) if ids.video is None else tokens == ids.video
     pos = np.flatnonzero(is_img | is_vid)
 
     counts = [num_tokens(it, cfg) for it in items]

@@ -41,7 +41,7 @@ def expand(items, cfg: ModelConfig, text_between=(TEXT_IDS, TAIL_IDS)) -> np.nda
     head, tail = text_between
     ids = list(head)
     for item in items:
-        token = cfg.video_token_id if item.kind == "video" else cfg.image_token_id
+        token = cfg.ids.video if item.kind == "video" else cfg.ids.image
         ids += [token] * visual_layout.num_tokens(item, cfg) + [198]
     return np.asarray(ids + list(tail), np.int32)
 

@@ -12,14 +12,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_tiny_hf
-from parity_utils import multi_image_sample, single_image_sample, text_sample, video_sample
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lov_jax import sharding
 from lov_jax.convert.safetensors_io import load_hf_checkpoint
 from lov_jax.inference.engine import (
-    PAD_ID,
     GenerationConfig,
     Generator,
     PromptInputs,
@@ -27,6 +24,13 @@ from lov_jax.inference.engine import (
     build_batch,
 )
 from lov_jax.inference.sampling import filter_logits, sample_logits
+from lov_jax.testing.hf_checkpoints import (
+    make_tiny_hf,
+    multi_image_sample,
+    single_image_sample,
+    text_sample,
+    video_sample,
+)
 
 NEW = 10
 ATOL = 1e-4
@@ -62,7 +66,7 @@ def _inputs(sample) -> PromptInputs:
 def _hf_generate(model, samples, max_new=NEW, eos=None):
     """HF greedy generate on a left-padded batch: (per-row new tokens, first-step logits)."""
     length = max(len(s.tokens) for s in samples)
-    ids = np.full((len(samples), length), PAD_ID, np.int64)
+    ids = np.full((len(samples), length), model.cfg.ids.pad, np.int64)
     mask = np.zeros_like(ids)
     for r, s in enumerate(samples):
         ids[r, length - len(s.tokens) :] = s.tokens
@@ -71,15 +75,15 @@ def _hf_generate(model, samples, max_new=NEW, eos=None):
     with torch.no_grad():
         out = model.hf.generate(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-            max_new_tokens=max_new, do_sample=False, pad_token_id=PAD_ID,
-            eos_token_id=model.cfg.text.eos_token_id if eos is None else eos,
+            max_new_tokens=max_new, do_sample=False, pad_token_id=model.cfg.ids.pad,
+            eos_token_id=list(model.cfg.ids.eos) if eos is None else eos,
             output_logits=True, return_dict_in_generate=True, **kw,
         )  # fmt: skip
     rows = []
-    stop = model.cfg.text.eos_token_id if eos is None else eos
+    stops = set(model.cfg.ids.eos) if eos is None else {eos}
     for row in out.sequences[:, length:].tolist():
-        end = row.index(stop) + 1 if stop in row else len(row)
-        rows.append(row[:end])
+        hits = [i for i, t in enumerate(row) if t in stops]
+        rows.append(row[: hits[0] + 1] if hits else row)
     return rows, out.logits[0].float().numpy()
 
 

@@ -20,9 +20,10 @@ from data_pipelines.image_processing import (
     video_frames,
 )
 from lov_jax.config import tiny
+from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.visual_layout import VisualItem, num_crops
 
-CFG = tiny()
+CFG = tiny(token_ids=qwen2_token_ids())
 S = CFG.vision.image_size
 ATOL = 1e-6
 

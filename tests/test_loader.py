@@ -10,8 +10,9 @@ import pytest
 
 from data_pipelines import loader, stats
 from lov_jax import config
+from lov_jax.testing.tokenizers import qwen2_token_ids
 
-CFG = config.tiny()
+CFG = config.tiny(token_ids=qwen2_token_ids())
 
 
 def records(n: int = 60, seed: int = 0) -> list[dict]:

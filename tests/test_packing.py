@@ -8,9 +8,10 @@ import numpy as np
 from data_pipelines import packing
 from data_pipelines.sample import Sample
 from lov_jax import config, visual_layout
+from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.visual_layout import VisualItem
 
-CFG = config.tiny()
+CFG = config.tiny(token_ids=qwen2_token_ids())
 NPATCH = CFG.vision.num_patches
 
 
@@ -21,7 +22,7 @@ def make_sample(sid: int, items: list[VisualItem], text: int, seed: int | None =
     words = rng.integers(100, 30000, size=text).astype(np.int32)
     prev = 0
     for it, c in zip(items, cut, strict=True):
-        pid = CFG.video_token_id if it.kind == "video" else CFG.image_token_id
+        pid = CFG.ids.video if it.kind == "video" else CFG.ids.image
         parts += [words[prev:c], np.full(visual_layout.num_tokens(it, CFG), pid, np.int32)]
         prev = c
     tokens = np.concatenate([*parts, words[prev:]]).astype(np.int32)
@@ -94,7 +95,7 @@ def test_row_invariants():
                 used = idx[w != 0]
                 own = (used >= c0 * NPATCH) & (used < (c0 + c) * NPATCH)
                 assert np.all(own | (used == pack.max_crops * NPATCH))
-                text = ~np.isin(s.tokens, [CFG.image_token_id, CFG.video_token_id])
+                text = ~np.isin(s.tokens, [CFG.ids.image, CFG.ids.video])
                 assert np.all(w[text] == 0) and np.all(idx[text] == pack.max_crops * NPATCH + 1)
                 ref_idx, ref_w = visual_layout.place_taps(s.tokens, s.items, CFG, 8, c0)
                 np.testing.assert_array_equal(idx, ref_idx)
@@ -153,7 +154,7 @@ def test_packed_loss_equals_unpacked():
     def run(batch):
         hidden = model.apply(
             {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-            batch["pixels"], batch["vis_idx"], batch["vis_w"], method=model.hidden_states,
+            batch["pixels"], batch["vis_idx"], batch["vis_w"], output="hidden",
         )  # fmt: skip
         per_row = jax.vmap(lambda h, t, m: chunked_cross_entropy(h[None], head, t[None], m[None]))
         return hidden, per_row(hidden, batch["targets"], batch["loss_mask"])

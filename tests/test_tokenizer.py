@@ -26,9 +26,10 @@ from data_pipelines.tokenizer import (
     save_hf_tokenizer_files,
 )
 from lov_jax.config import tiny
+from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.visual_layout import VisualItem, num_tokens
 
-CFG = tiny()
+CFG = tiny(token_ids=qwen2_token_ids())
 IMAGE_ID, VIDEO_ID = SPECIAL_TOKENS["<image>"], SPECIAL_TOKENS["<video>"]
 IM_START_ID, IM_END_ID, EOT_ID = (
     SPECIAL_TOKENS["<|im_start|>"],

@@ -18,11 +18,13 @@ from train_utils import SyntheticBatches
 from configs import stage1, stage2_ov
 from lov_jax import config, sharding
 from lov_jax.models.llava_onevision import init_params
+from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.train import checkpoint, metrics
 from lov_jax.train.loop import NonFiniteLossError, run_training
 from lov_jax.train.step import Trainer, stack_micro_batches
 
-CFG = config.demo()  # 112px crops: the same code paths as 384px, cheaper on CPU
+# 112px crops: the same code paths as 384px, cheaper on CPU
+CFG = config.demo(token_ids=qwen2_token_ids())
 
 
 def _trainer(stage_cfg, mesh=None, total=20):

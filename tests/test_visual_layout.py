@@ -11,6 +11,7 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
 from transformers.models.llava_onevision import modeling_llava_onevision as hf_mod
 
 from lov_jax.config import ov_0_5b, tiny
+from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.visual_layout import (
     VisualItem,
     _anyres_geometry,
@@ -24,7 +25,7 @@ from lov_jax.visual_layout import (
     select_best_resolution,
 )
 
-CFG = tiny()
+CFG = tiny(token_ids=qwen2_token_ids())
 P = CFG.vision.patches_per_side
 NP = P * P
 C = 8  # feature width of the random banks
@@ -362,7 +363,7 @@ def _tokens(*parts):
 
 
 def test_place_taps_assigns_runs_and_zeroes_text():
-    img, vid = CFG.image_token_id, CFG.video_token_id
+    img, vid = CFG.ids.image, CFG.ids.video
     items = [VisualItem("pad"), VisualItem("pad"), VisualItem("video", num_frames=2)]
     # two adjacent multi-image runs (no text between them) then a video
     toks = _tokens((7, 5), (img, 730), (img, 730), (9, 3), (vid, 393), (11, 4))
@@ -381,7 +382,7 @@ def test_place_taps_assigns_runs_and_zeroes_text():
 
 
 def test_place_taps_errors():
-    img, vid = CFG.image_token_id, CFG.video_token_id
+    img, vid = CFG.ids.image, CFG.ids.video
     items = [VisualItem("pad"), VisualItem("video", num_frames=1)]
     with pytest.raises(ValueError, match="placeholder count mismatch.*729 image"):
         place_taps(_tokens((1, 2), (img, 729), (vid, 197)), items, CFG, num_crop_slots=4)

@@ -26,8 +26,6 @@ from lov_jax.convert.hf_keys import CheckpointError, hf_entries
 from lov_jax.convert.safetensors_io import _NAMES, INDEX_NAME, SINGLE_NAME, _parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
-# REFERENCE.md 10: llava-hf ships exactly these two ids.
-_GENERATION = ("bos_token_id", "eos_token_id")
 
 
 class ShardWriter:
@@ -116,8 +114,16 @@ def write_hf_metadata(out: Path, cfg: ModelConfig, dtype: np.dtype, assets: Path
     (out / "config.json").write_text(json.dumps(hf_config_json(cfg, dtype), indent=2) + "\n")
     copied = io_utils.copy_assets(assets, out)
     if "generation_config.json" not in copied:
-        gen = {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": cfg.text.eos_token_id}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        text = json.dumps(generation_config(cfg), indent=2) + "\n"
+        (out / "generation_config.json").write_text(text)
+
+
+def generation_config(cfg: ModelConfig) -> dict:
+    """generation_config.json from the checkpoint's ids (eos as a list when several)."""
+    ids = cfg.ids
+    eos = ids.eos[0] if len(ids.eos) == 1 else list(ids.eos)
+    gen = {"bos_token_id": ids.bos, "eos_token_id": eos, "pad_token_id": ids.pad}
+    return {k: v for k, v in gen.items() if v is not None}
 
 
 def orbax_to_hf(

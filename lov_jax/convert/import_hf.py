@@ -65,27 +65,12 @@ def inspect_hf_dir(hf_dir: Path) -> tuple[ModelConfig | None, Any, list[str]]:
         problems.append(str(e))
     if hf_cfg is not None and tensors is not None:
         try:
-            cfg = hf_model_config(hf_cfg, tensors)
+            cfg = hf_model_config(hf_cfg, tensors, hf_dir)
         except (ValueError, TypeError) as e:
             problems.append(f"{hf_dir / 'config.json'}: {e}")
         else:
             problems += check_hf_shapes({k: tensors.shape(k) for k in tensors}, cfg)
     return cfg, tensors, problems
-
-
-def parse_mesh(spec: str | None):
-    """ "fsdp=4,tensor=2" -> a (data, fsdp, tensor) Mesh (unnamed axes: data=1, fsdp=rest)."""
-    if not spec:
-        return None
-    from lov_jax.sharding import MESH_AXES, make_mesh
-
-    sizes = {}
-    for part in spec.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in MESH_AXES or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"bad --mesh {spec!r}: expected e.g. fsdp=4,tensor=2 over {MESH_AXES}")
-        sizes[name.strip()] = int(value)
-    return make_mesh(**sizes)
 
 
 def _to_mesh(params: dict, cfg: ModelConfig, mesh) -> dict:
@@ -115,7 +100,8 @@ def hf_to_orbax(
     """Convert an HF LLaVA-OneVision dir into an Orbax checkpoint at `out` (orbax_io layout).
 
     `dtype` (float32/bfloat16/float16) casts the params; default keeps the file's dtype.
-    `mesh`: a Mesh or "fsdp=N,tensor=M" to place (and save) the params sharded.
+    `mesh`: a Mesh or a `--mesh` value ("fsdp=4,tensor=2", `sharding.MESH_HELP`) to place
+    (and save) the params sharded.
     Raises one CheckpointError listing every problem before writing anything.
     """
     hf_dir, out = Path(hf_dir).absolute(), Path(out).absolute()
@@ -126,7 +112,9 @@ def hf_to_orbax(
     cfg, tensors, found = inspect_hf_dir(hf_dir)
     io_utils.raise_if(problems + found, f"cannot convert {hf_dir}")
     if isinstance(mesh, str):
-        mesh = parse_mesh(mesh)
+        from lov_jax.sharding import mesh_from_flag
+
+        mesh = mesh_from_flag(mesh)
 
     used = sum(1 for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     with io_utils.atomic_output(out, overwrite) as tmp:

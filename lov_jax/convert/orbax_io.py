@@ -5,7 +5,7 @@ One checkpoint ("step directory") is an Orbax composite checkpoint:
     <ckpt>/
       _CHECKPOINT_METADATA   Orbax: item name -> handler
       params/                PyTree item: the nested params dict in our layout
-                             (`hf_keys.param_shapes`: kernels [in, out], heads split,
+                             (`abstract_params`: kernels [in, out], heads split,
                              layers stacked on axis 0). OCDBT + zarr, saved without
                              shardings required on restore: pass target shardings
                              (`sharding.params_sharding`) and it restores onto any mesh.
@@ -42,8 +42,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
 from lov_jax.config import ModelConfig
-from lov_jax.convert.hf_keys import CheckpointError, flatten, param_shapes, unflatten
+from lov_jax.convert.hf_keys import CheckpointError, check_params, flatten, unflatten
 from lov_jax.convert.io_utils import copy_assets
+from lov_jax.convert.safetensors_io import load_checkpoint_tokenizer
+from lov_jax.token_ids import TokenIds, read_token_ids
 
 PARAMS, CONFIG, ASSETS = "params", "config", "assets"
 _EMBED = "language_model/embed_tokens/embedding"
@@ -73,8 +75,9 @@ _DATA_FILE_BYTES = 8 * 2**20
 
 
 def config_json(cfg: ModelConfig) -> dict:
-    """The `config` item of a converted checkpoint (training adds its own keys)."""
-    return {"model": cfg.to_hf_config()}
+    """The `config` item of a converted checkpoint (training adds its own keys): the HF
+    config dict and the checkpoint's special ids (lov_jax/token_ids.py)."""
+    return {"model": cfg.to_hf_config(), "token_ids": cfg.ids.to_json()}
 
 
 def save_checkpoint(
@@ -180,20 +183,22 @@ def read_config(step_dir: Path, meta: Mapping[str, tuple] | None = None) -> Mode
     over: dict[str, Any] = {"tie_word_embeddings": _LM_HEAD not in meta}
     if _EMBED in meta:
         over["vocab_size"] = meta[_EMBED][0][0]
-    return cfg.replace(text=dataclasses.replace(cfg.text, **over))
+    text = dataclasses.replace(cfg.text, **over)
+    if "token_ids" in stored:
+        ids = TokenIds.from_json(stored["token_ids"], f"{step_dir / CONFIG}: token_ids")
+    else:  # a bare config.json dict: the ids from it, generation_config.json and assets/
+        assets = find_assets(step_dir)
+        tok = None if assets is None else load_checkpoint_tokenizer(assets)
+        ids = read_token_ids(
+            step_dir, hf, tok, vocab_size=text.vocab_size, asset_dirs=[assets] if assets else []
+        )
+    ids.check(text.vocab_size, f"{step_dir / CONFIG}: token_ids")
+    return cfg.replace(text=text, token_ids=ids)
 
 
 def check_metadata(meta: Mapping[str, tuple], cfg: ModelConfig) -> list[str]:
     """Every unexpected, missing or misshapen param leaf."""
-    want = flatten(param_shapes(cfg))
-    errors = [f"unexpected param {p}" for p in sorted(set(meta) - set(want))]
-    errors += [f"missing param {p}" for p in sorted(set(want) - set(meta))]
-    errors += [
-        f"shape mismatch {p}: expected {list(want[p])}, stored {list(meta[p][0])}"
-        for p in sorted(set(want) & set(meta))
-        if tuple(meta[p][0]) != tuple(want[p])
-    ]
-    return errors
+    return check_params({p: shape for p, (shape, _) in meta.items()}, cfg)
 
 
 def restore_leaf(step_dir: Path, path: str, dtype: Any = None) -> np.ndarray:

@@ -234,13 +234,16 @@ def write_safetensors(
     return [out_dir / f for f in names]
 
 
-def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint) -> ModelConfig:
-    """ModelConfig from a config.json dict, with vocab size and tying read off the tensors.
+def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint, hf_dir: Path) -> ModelConfig:
+    """ModelConfig from a config.json dict, with vocab size and tying read off the tensors
+    and the special ids from the directory's files (`lov_jax.token_ids.read_token_ids`).
 
     `text.vocab_size` comes from the embedding tensor, not config.json (the lmms-lab
     7B config lacks it, REFERENCE.md 1.3). When config.json has no tie flag, the
     model is tied iff the checkpoint has no lm_head tensor.
     """
+    from lov_jax.token_ids import read_token_ids
+
     cfg = ModelConfig.from_hf_config(hf_cfg)
     canon = {canonical_name(k): k for k in tensors}
     text_over = {}
@@ -249,7 +252,19 @@ def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint) -> ModelConfig
         text_over["vocab_size"] = tensors.shape(embed)[0]
     if "tie_word_embeddings" not in hf_cfg.get("text_config", {}):
         text_over["tie_word_embeddings"] = "lm_head.weight" not in canon
-    return cfg.replace(text=dataclasses.replace(cfg.text, **text_over))
+    text = dataclasses.replace(cfg.text, **text_over)
+    ids = read_token_ids(
+        hf_dir, hf_cfg, load_checkpoint_tokenizer(hf_dir), vocab_size=text.vocab_size
+    )
+    return cfg.replace(text=text, token_ids=ids)
+
+
+def load_checkpoint_tokenizer(directory: str | os.PathLike):
+    """The `tokenizers.Tokenizer` of a checkpoint dir's tokenizer.json, or None."""
+    from data_pipelines.tokenizer import load_tokenizer
+
+    path = Path(directory) / "tokenizer.json"
+    return load_tokenizer(path) if path.is_file() else None
 
 
 def load_hf_checkpoint(
@@ -259,5 +274,5 @@ def load_hf_checkpoint(
     hf_dir = Path(hf_dir)
     hf_cfg = json.loads((hf_dir / "config.json").read_text())
     tensors = read_safetensors(hf_dir, keep_pages=keep_pages)
-    cfg = hf_model_config(hf_cfg, tensors)
+    cfg = hf_model_config(hf_cfg, tensors, hf_dir)
     return cfg, hf_to_params(tensors, cfg, dtype=dtype)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from data_pipelines.sample import Reason
 from lov_jax.eval import metrics
 from lov_jax.eval.tasks import BadRecord, Request, TaskSpec, load_task, read_records
 
@@ -36,7 +37,7 @@ class Predictor(Protocol):
 
 
 class ModelPredictor:
-    """`Predictor` over `lov_jax.inference` (greedy by default, stops on <|im_end|>)."""
+    """`Predictor` over `lov_jax.inference` (greedy by default, stops on the checkpoint's eos ids)."""
 
     def __init__(self, params, cfg, tokenizer, *, mesh=None, temperature: float = 0.0):
         from lov_jax.inference.engine import Generator
@@ -57,7 +58,6 @@ class ModelPredictor:
         gen = GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
-            stop_ids=(self.cfg.text.eos_token_id,),
         )
         out = self.generator.generate(list(encoded), gen)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
@@ -108,7 +108,7 @@ def _scored_row(spec: TaskSpec, req: Request, prediction: str) -> dict:
         )
         error = None
     except ValueError as err:
-        value, parsed, error = 0.0, None, {"reason": "scoring_failed", "message": str(err)}
+        value, parsed, error = 0.0, None, {"reason": Reason.SCORING_FAILED, "message": str(err)}
     target = req.answers[0] if len(req.answers) == 1 else req.answers
     return {
         "id": req.id, "index": req.index, "task": spec.name, "prompt": req.question,
@@ -163,7 +163,7 @@ def evaluate_shard(
             try:
                 encoded = predictor.encode(rec)
             except Exception as err:  # noqa: BLE001 - any decode failure is a counted bad record
-                bad = BadRecord(rec.id, rec.index, "bad_media", f"{type(err).__name__}: {err}",
+                bad = BadRecord(rec.id, rec.index, Reason.BAD_MEDIA, f"{type(err).__name__}: {err}",
                                 rec.question, rec.answers)  # fmt: skip
                 log(f"[{spec.name}] bad record {rec.id}: {bad.reason}: {bad.message}")
                 write([_error_row(spec, bad)])

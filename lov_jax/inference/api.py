@@ -126,14 +126,14 @@ def generate(
     """Generate answers. One request -> one string; a list of requests -> a batch.
 
     A request is chat messages (list of dicts) or a (prompt, images, videos) tuple.
-    Decoding stops on `stop_ids` (default: eos `<|im_end|>`) or `max_new_tokens`; text
+    Decoding stops on `stop_ids` (default: the checkpoint's eos ids) or `max_new_tokens`; text
     is decoded without special tokens. Pass a `Generator` to reuse its compilations.
     """
     single = isinstance(requests, tuple) or (bool(requests) and isinstance(requests[0], Mapping))
     batch = [requests] if single else list(requests)
     inputs = [request_inputs(cfg, tokenizer, r, num_frames) for r in batch]
     gen = generator or Generator(params, cfg, mesh=mesh)
-    stops = (cfg.text.eos_token_id,) if stop_ids is None else tuple(stop_ids)
+    stops = None if stop_ids is None else tuple(stop_ids)
     gcfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, stops, seed)
     out = gen.generate(inputs, gcfg)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lov_jax.config import ModelConfig
+from lov_jax.sharding import MESH_HELP
 
 
 def load_checkpoint(ckpt: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
@@ -16,28 +17,23 @@ def load_checkpoint(ckpt: str | Path, dtype: str | None = None) -> tuple[ModelCo
 
 
 def load_tokenizer_for(ckpt: str | Path):
-    """The checkpoint's tokenizer.json if it has one, else the offline Qwen2 tokenizer."""
-    from data_pipelines import tokenizer
+    """The checkpoint's own tokenizer (`lov_jax.pretrained.load_tokenizer`)."""
+    from lov_jax.pretrained import load_tokenizer
 
-    if (Path(ckpt) / "tokenizer.json").is_file():
-        return tokenizer.load_tokenizer(ckpt)
-    return tokenizer.build_qwen2_tokenizer()
+    return load_tokenizer(ckpt)
 
 
-def parse_mesh(spec: str | None):
-    """'data,fsdp,tensor' sizes (one may be -1) -> Mesh, or None for one device.
+def local_mesh(flag: str | None):
+    """The `--mesh` flag's mesh over this process's devices (None: one device).
 
-    The mesh spans this process's devices only: in a multi-process job every process
-    decodes its own requests (eval shards records by process), so no program spans hosts.
+    In a multi-process job every process decodes its own requests (eval shards records
+    by process), so no program spans hosts.
     """
-    if not spec:
-        return None
     import jax
 
     from lov_jax import sharding
 
-    data, fsdp, tensor = (int(x) for x in spec.split(","))
-    return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.local_devices())
+    return sharding.mesh_from_flag(flag, devices=jax.local_devices())
 
 
 def _generate(args) -> int:
@@ -52,7 +48,7 @@ def _generate(args) -> int:
     texts, out = generate(
         params, cfg, [request], tokenizer=tok, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        num_frames=args.num_frames, mesh=parse_mesh(args.mesh), return_output=True,
+        num_frames=args.num_frames, mesh=local_mesh(args.mesh), return_output=True,
     )  # fmt: skip
     if args.json:
         record = {
@@ -75,7 +71,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     p.add_argument("--dtype", default=None, help="param dtype to load (default: as stored)")
-    p.add_argument("--mesh", default=None, help="data,fsdp,tensor over local devices, e.g. 1,-1,2")
+    p.add_argument("--mesh", default=None, help=f"{MESH_HELP}; over this host's devices")
 
 
 def add_commands(subparsers) -> None:

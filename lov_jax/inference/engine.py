@@ -33,8 +33,6 @@ from lov_jax.inference.sampling import sample_logits
 from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
 from lov_jax.models.qwen2 import CACHE_AXES, Qwen2Model
 
-PAD_ID = 151643  # <|endoftext|> (REFERENCE.md 10)
-EOS_ID = 151645  # <|im_end|>
 MAX_STOP_IDS = 8  # stop ids travel as a traced int32[8] (padded with -1): no recompiles
 MIN_LENGTH_BUCKET = 64
 MIN_NEW_TOKENS_BUCKET = 16
@@ -42,13 +40,14 @@ MIN_NEW_TOKENS_BUCKET = 16
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding knobs. temperature 0 = greedy; top_k 0 and top_p 1 disable the filters."""
+    """Decoding knobs. temperature 0 = greedy; top_k 0 and top_p 1 disable the filters;
+    stop_ids None = the checkpoint's eos ids (`cfg.token_ids.eos`), () = never stop."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    stop_ids: tuple[int, ...] = (EOS_ID,)
+    stop_ids: tuple[int, ...] | None = None
     seed: int = 0
 
     @property
@@ -93,7 +92,7 @@ def build_batch(
     length: int,
     num_crops: int,
     batch_size: int,
-    pad_id: int = PAD_ID,
+    pad_id: int,
 ) -> dict[str, np.ndarray]:
     """Left-padded prefill arrays (batch contract names + `mask`); extra rows are all padding."""
     size = cfg.vision.image_size
@@ -109,6 +108,12 @@ def build_batch(
         n, c = len(p.tokens), len(p.crops)
         if n > length or c > num_crops:
             raise ValueError(f"prompt {r}: {n} tokens / {c} crops exceed {length} / {num_crops}")
+        if n and not 0 <= int(p.tokens.min()) <= int(p.tokens.max()) < cfg.text.vocab_size:
+            raise ValueError(
+                f"prompt {r}: token ids span [{int(p.tokens.min())}, {int(p.tokens.max())}], "
+                f"outside the embedding table (vocab_size {cfg.text.vocab_size}): is the "
+                "tokenizer the checkpoint's own?"
+            )
         batch["tokens"][r, length - n :] = p.tokens
         batch["mask"][r, length - n :] = 1
         batch["pixels"][r, :c] = p.crops
@@ -137,10 +142,11 @@ class Generator:
         rules: Sequence[tuple] = sharding.LOGICAL_AXIS_RULES,
         length_buckets: Sequence[int] | None = None,
         crop_buckets: Sequence[int] | None = None,
-        pad_id: int = PAD_ID,
+        pad_id: int | None = None,
     ):
         self.cfg = cfg = cfg.replace(remat_policy="none")
-        self.mesh, self.rules, self.pad_id = mesh, tuple(rules), pad_id
+        self.mesh, self.rules = mesh, tuple(rules)
+        self.pad_id = cfg.ids.pad if pad_id is None else pad_id
         self.length_buckets, self.crop_buckets = length_buckets, crop_buckets
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.model = LlavaOnevision(cfg)
@@ -238,8 +244,12 @@ class Generator:
     ) -> GenerationOutput:
         if not prompts:
             raise ValueError("no prompts")
-        if len(gen.stop_ids) > MAX_STOP_IDS:
+        stop_ids = self.cfg.ids.eos if gen.stop_ids is None else tuple(gen.stop_ids)
+        if len(stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids")
+        vocab = self.cfg.text.vocab_size
+        if any(not 0 <= i < vocab for i in stop_ids):
+            raise ValueError(f"stop ids {list(stop_ids)} must lie in [0, {vocab})")
         if gen.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         b, p, n, m = self.shapes_for(prompts, gen.max_new_tokens)
@@ -250,7 +260,7 @@ class Generator:
         kv_seg = np.concatenate([host["mask"], np.ones((b, m), np.int32)], axis=1)
         next_pos = host["mask"].sum(axis=1).astype(np.int32)
         stop = np.full((MAX_STOP_IDS,), -1, np.int32)
-        stop[: len(gen.stop_ids)] = gen.stop_ids
+        stop[: len(stop_ids)] = stop_ids
         with self._context():
             batch = self._put(host)
             t0 = time.perf_counter()
@@ -266,7 +276,7 @@ class Generator:
             out = np.asarray(out)
             t2 = time.perf_counter()
         tokens, stopped = [], []
-        stop_set = set(gen.stop_ids)
+        stop_set = set(stop_ids)
         for row in out[: len(prompts), : gen.max_new_tokens]:
             hits = [i for i, t in enumerate(row) if int(t) in stop_set]
             end = hits[0] + 1 if hits else len(row)

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from lov_jax import distributed
+from lov_jax import sharding
 from lov_jax.config import ModelConfig
+from lov_jax.convert import orbax_io
 from lov_jax.train import checkpoint, metrics
 from lov_jax.train.step import Trainer, TrainState, stack_micro_batches
 
@@ -59,7 +60,7 @@ def run_training(
     after that many steps of its own (tests of preemption), without a final save.
     """
     workdir = Path(workdir)
-    mesh = distributed.mesh_from_config(config.mesh)
+    mesh = sharding.mesh_from_config(config.mesh)
     loss_tokens = config.train.get("loss_tokens_per_row", 0)
     trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk, loss_tokens)
     manager = checkpoint.make_manager(
@@ -80,7 +81,7 @@ def run_training(
         data_iter.set_state(data_state)
         start, resumed_from = step, step
 
-    run_config = {"model": cfg.to_hf_config(), "stage": config.to_dict()}
+    run_config = {**orbax_io.config_json(cfg), "stage": config.to_dict()}
     peak = config.train.get("peak_flops_per_device", 0.0) or metrics.peak_flops(
         jax.devices()[0].device_kind
     )
@@ -139,7 +140,7 @@ def _check_loss_budget(host: dict, loss_tokens: int) -> None:
 
 
 def _global_batch(host: dict, trainer: Trainer) -> dict:
-    """Host-local [A, B_local, ...] arrays -> global jax.Arrays sharded over (data, fsdp)."""
+    """Host-local [A, B_local, ...] arrays -> global jax.Arrays (`trainer.batch_sharding`)."""
     return {
         k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
         for k, v in host.items()

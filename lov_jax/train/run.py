@@ -31,14 +31,11 @@ def model_from_config(config) -> tuple[ModelConfig, object]:
 
 
 def load_tokenizer_for(config):
-    """The checkpoint's tokenizer.json if it has one, else the offline Qwen2 tokenizer."""
-    from data_pipelines.tokenizer import build_qwen2_tokenizer, load_tokenizer
+    """`init_from`'s own tokenizer, else (a preset) the offline Qwen2 tokenizer."""
+    from data_pipelines.tokenizer import build_qwen2_tokenizer
+    from lov_jax.pretrained import load_tokenizer
 
-    if config.init_from:
-        for candidate in (Path(config.init_from), Path(config.init_from) / "assets"):
-            if (candidate / "tokenizer.json").exists():
-                return load_tokenizer(candidate)
-    return build_qwen2_tokenizer()
+    return load_tokenizer(config.init_from) if config.init_from else build_qwen2_tokenizer()
 
 
 def make_process_fn(config, cfg: ModelConfig, tokenizer):
@@ -69,7 +66,7 @@ def make_data(config, cfg: ModelConfig, tokenizer):
     lc = loader.LoaderConfig(
         batch_size=data.rows_per_host, max_tokens=data.seq_len, max_crops=data.max_crops,
         seed=data.seed, num_epochs=None, num_workers=data.num_workers,
-        on_error=data.skip_policy, pad_id=151643,
+        on_error=data.skip_policy, pad_id=cfg.ids.pad,
     )  # fmt: skip
     it = loader.make_loader(recs, make_process_fn(config, cfg, tokenizer), cfg, lc)
     return recs, it
@@ -89,7 +86,7 @@ def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int
     probe = min(256, len(recs))
     lc = loader.LoaderConfig(
         batch_size=1, max_tokens=data.seq_len, max_crops=data.max_crops, seed=data.seed,
-        num_epochs=1, on_error="skip", pad_id=151643,
+        num_epochs=1, on_error="skip", pad_id=cfg.ids.pad,
     )  # fmt: skip
     subset = sources.SubsetSource(recs, np.arange(probe))
     it = loader.make_loader(subset, make_process_fn(config, cfg, tokenizer), cfg, lc)
@@ -105,6 +102,10 @@ def train_from_config(config, workdir: str | Path, progress: bool = True) -> Tra
     workdir = Path(workdir)
     cfg, params = model_from_config(config)
     tokenizer = load_tokenizer_for(config)
+    if cfg.token_ids is None:  # a preset: the ids are the tokenizer's (Qwen-2 ChatML)
+        from data_pipelines.tokenizer import qwen2_token_ids
+
+        cfg = cfg.replace(token_ids=qwen2_token_ids(tokenizer))
     if jax.process_index() == 0:  # tokenizer/processor files for `convert orbax-to-hf`
         save_hf_processor_files(workdir / "assets", cfg, tokenizer)
     recs, data_iter = make_data(config, cfg, tokenizer)

@@ -31,36 +31,20 @@ PAD_ID = 151643
 # Text sizes (vision stays the tiny tower: prompts are text). "100m": ~102M parameters,
 # 78M of them the tied 152k x 512 embedding.
 CONFIGS = {
-    "tiny": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-             "num_attention_heads": 6, "num_key_value_heads": 2},
-    "100m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-             "num_attention_heads": 8, "num_key_value_heads": 2},
+    "tiny": {},  # lov_jax.testing.hf_checkpoints.TINY_TEXT
+    "100m": {"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8, "num_heads": 8,
+             "num_kv_heads": 2},
 }  # fmt: skip
 
 
 def make_hf(out_dir: Path, text_kw: dict):
-    import torch
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    """The shared tiny checkpoint (Qwen-2 tokenizer, tied) with these text sizes, loaded."""
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    torch.manual_seed(0)
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=384, patch_size=14, vision_use_head=False,
-    )  # fmt: skip
-    text = Qwen2Config(vocab_size=152000, tie_word_embeddings=True, rope_theta=1e6, **text_kw)
-    cfg = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_index=151646,
-        video_token_index=151647, vision_feature_select_strategy="full",
-        vision_feature_layer=-1, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    model.save_pretrained(out_dir)
-    return model
+    from lov_jax.testing.hf_checkpoints import make_tiny_hf
+
+    make_tiny_hf(out_dir, tie_word_embeddings=True, seed=0, **text_kw)
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(out_dir).eval()
 
 
 def prompts(batch: int, seed: int = 0) -> list[np.ndarray]:

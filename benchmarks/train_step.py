@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,11 +43,9 @@ from lov_jax.convert.hf_keys import params_to_hf
 from lov_jax.convert.safetensors_io import write_safetensors
 from lov_jax.models.llava_onevision import abstract_params, count_params, init_params
 from lov_jax.sharding import make_mesh
+from lov_jax.testing.hf_checkpoints import our_batch, single_image_sample
 from lov_jax.train import metrics
 from lov_jax.train.step import Trainer, stack_micro_batches
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from parity_utils import our_batch, single_image_sample  # noqa: E402
 
 IMAGE_HW = (384, 384)  # anyres 1x1 grid: base crop + 1 grid crop
 ANSWER_TOKENS = 16

@@ -12,7 +12,7 @@ from data_pipelines.hf_processor import save_hf_processor_files
 from data_pipelines.video import write_video
 from lov_jax import cli
 from lov_jax.config import ModelConfig
-from lov_jax.convert.tiny_hf import make_tiny_hf
+from lov_jax.testing.hf_checkpoints import make_tiny_hf
 
 
 @pytest.fixture(scope="module")

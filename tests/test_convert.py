@@ -12,7 +12,6 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from hf_tiny import make_tiny_hf
 
 import lov_jax
 from lov_jax.cli import main
@@ -28,6 +27,7 @@ from lov_jax.convert.safetensors_io import (
 )
 from lov_jax.models.llava_onevision import abstract_params
 from lov_jax.sharding import make_mesh, params_sharding
+from lov_jax.testing.hf_checkpoints import make_tiny_hf
 
 VOCAB = 1024  # round trips never look tokens up; keeps files ~1 MB
 
@@ -123,8 +123,9 @@ def _logits(model, sample, keep: int = 32):
 @pytest.mark.parametrize("variant", ["tied", "untied"])
 def test_export_loads_in_transformers_with_equal_logits(full_vocab, variant):
     import torch
-    from parity_utils import single_image_sample
     from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lov_jax.testing.hf_checkpoints import single_image_sample
 
     src, out = full_vocab[variant]
     model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(

@@ -156,9 +156,8 @@ def test_resume_after_preemption_gives_same_aggregate(task, tmp_path):
 
 
 def test_eval_cli_with_tiny_model(tmp_path):
-    from hf_tiny import make_tiny_hf
-
     from lov_jax import cli
+    from lov_jax.testing.hf_checkpoints import make_tiny_hf
 
     hf_dir = make_tiny_hf(tmp_path / "hf", seed=0)
     media = tmp_path / "m"

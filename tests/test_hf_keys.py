@@ -7,7 +7,6 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
-from hf_tiny import make_tiny_hf
 
 from lov_jax.convert.hf_keys import (
     CheckpointError,
@@ -21,6 +20,7 @@ from lov_jax.convert.safetensors_io import (
     read_safetensors,
     write_safetensors,
 )
+from lov_jax.testing.hf_checkpoints import make_tiny_hf
 
 # Small vocab keeps each checkpoint ~1 MB; token ids are never looked up here.
 VOCAB = 1024

@@ -11,16 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_tiny import make_tiny_hf
-from parity_utils import (
-    hf_logits,
-    multi_image_sample,
-    our_batch,
-    single_image_sample,
-    text_sample,
-    to_hf_pixels,
-    video_sample,
-)
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lov_jax.convert.safetensors_io import load_hf_checkpoint
@@ -28,6 +18,16 @@ from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.models.projector import MultiModalProjector
 from lov_jax.models.qwen2 import Qwen2Model
 from lov_jax.models.siglip import SiglipVisionTower
+from lov_jax.testing.hf_checkpoints import (
+    hf_logits,
+    make_tiny_hf,
+    multi_image_sample,
+    our_batch,
+    single_image_sample,
+    text_sample,
+    to_hf_pixels,
+    video_sample,
+)
 
 ATOL = 1e-4
 

@@ -1,0 +1,252 @@
+"""Tiny random HF LLaVA-OneVision checkpoints and the inputs to compare them on.
+
+Built locally (no downloads); used by the parity tests, the benchmarks and the demo's
+checks. Needs torch + transformers (extra `hf`).
+
+`make_tiny_hf` saves a complete llava-hf checkpoint directory (weights, config.json,
+generation_config.json, tokenizer and processor files). Sizes, vocabulary, tying, GQA,
+seed and the placeholder ids are keyword arguments; the special ids default to the
+tokenizer's (`lov_jax.testing.tokenizers.qwen2()`: llava-hf OneVision's), never to a
+literal here.
+
+The sample builders give the same prompt two ways: our crops + expanded tokens (the
+batch contract, lov_jax/batch.py) and the kwargs HF's forward takes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lov_jax import visual_layout
+from lov_jax.config import ModelConfig
+
+# Text sizes of the tiny LLM (vision stays the 2-layer, 32-wide SigLIP with real 384/14
+# patch geometry, 729 patches per crop).
+TINY_TEXT = {"hidden_size": 48, "intermediate_size": 96, "num_layers": 2, "num_heads": 6,
+             "num_kv_heads": 2}  # fmt: skip
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4}
+
+
+def make_tiny_hf(
+    out_dir: str | Path,
+    *,
+    tie_word_embeddings: bool = True,
+    hidden_size: int = TINY_TEXT["hidden_size"],
+    intermediate_size: int = TINY_TEXT["intermediate_size"],
+    num_layers: int = TINY_TEXT["num_layers"],
+    num_heads: int = TINY_TEXT["num_heads"],
+    num_kv_heads: int = TINY_TEXT["num_kv_heads"],
+    vision: dict | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    tokenizer=None,
+    image_token_id: int | None = None,
+    video_token_id: int | None = None,
+) -> Path:
+    """Save a tiny `LlavaOnevisionForConditionalGeneration`; returns the directory.
+
+    Text: `num_layers` Qwen-2 blocks of width `hidden_size`, GQA `num_heads` /
+    `num_kv_heads`. Vision: `TINY_VISION` updated by `vision` (same keys). `tokenizer`:
+    a `lov_jax.testing.tokenizers.TokenizerSpec` (default Qwen-2's); its special ids go
+    into config.json and generation_config.json as llava-hf writes them, and
+    `image_token_id` / `video_token_id` (default: the tokenizer's `<image>` / `<video>`)
+    into config.json. `vocab_size` defaults to the tokenizer's size.
+    """
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from data_pipelines.hf_processor import save_processor_configs
+    from lov_jax.testing import tokenizers as test_tokenizers
+
+    spec = tokenizer or test_tokenizers.qwen2()
+    ids = spec.token_ids
+    image_token_id = ids.image if image_token_id is None else image_token_id
+    video_token_id = ids.video if video_token_id is None else video_token_id
+    v = dict(TINY_VISION, **(vision or {}))
+    torch.manual_seed(seed)
+    vision_cfg = SiglipVisionConfig(
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+        num_hidden_layers=v["num_layers"], num_attention_heads=v["num_heads"],
+        image_size=384, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+    )  # fmt: skip
+    text = Qwen2Config(
+        vocab_size=vocab_size or spec.vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings, rope_theta=1e6,
+        rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+        bos_token_id=ids.bos, eos_token_id=list(ids.eos), pad_token_id=ids.pad,
+    )  # fmt: skip
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision_cfg, text_config=text, image_token_index=image_token_id,
+        video_token_index=video_token_id, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=tie_word_embeddings,
+    )  # fmt: skip
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    # Random init leaves norms at 1/0 and the newline at 0: perturb them so parity
+    # tests would notice a missing or misplaced term.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "image_newline" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.generation_config.eos_token_id = list(ids.eos)
+    model.generation_config.pad_token_id = ids.pad
+    model.generation_config.bos_token_id = ids.bos
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    test_tokenizers.save_tokenizer(spec, out_dir)
+    save_processor_configs(out_dir, ModelConfig.from_hf_config(cfg.to_dict()))
+    return out_dir
+
+
+# ---- the same prompt for HF and for us ------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One prompt: our crops and tokens plus what HF's forward needs."""
+
+    tokens: np.ndarray  # int32[T]
+    crops: np.ndarray  # uint8[n, 384, 384, 3]
+    items: list  # list[visual_layout.VisualItem]
+    hf_kwargs: dict  # pixel_values / image_sizes / batch_num_images / pixel_values_videos
+
+
+@functools.cache
+def chat_frame(tokenizer=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(head, tail) ids around the visual items: "<|im_start|>user\\n" and
+    "\\nWhat is this?<|im_end|>\\n<|im_start|>assistant\\n" in `tokenizer`
+    (a `tokenizers.Tokenizer`; default Qwen-2's)."""
+    if tokenizer is None:
+        from data_pipelines.tokenizer import build_qwen2_tokenizer
+
+        tokenizer = build_qwen2_tokenizer()
+    head = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False).ids
+    tail = tokenizer.encode(
+        "\nWhat is this?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    ).ids
+    return tuple(head), tuple(tail)
+
+
+def to_hf_pixels(crops: np.ndarray) -> np.ndarray:
+    """uint8[n, S, S, 3] -> float32[n, 3, S, S] normalised like HF (x/255 - 0.5)/0.5."""
+    x = crops.astype(np.float32) * np.float32(1 / 255)
+    return ((x - 0.5) / 0.5).transpose(0, 3, 1, 2)
+
+
+def random_image(h: int, w: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def expand(items, cfg: ModelConfig, frame=None) -> np.ndarray:
+    """Token ids: head, each item's expanded placeholder run (then a newline), tail.
+
+    `frame`: (head, tail) ids, default `chat_frame()`; the newline is the tail's first id.
+    """
+    head, tail = frame or chat_frame()
+    ids = list(head)
+    for item in items:
+        token = cfg.ids.video if item.kind == "video" else cfg.ids.image
+        ids += [token] * visual_layout.num_tokens(item, cfg) + [tail[0]]
+    return np.asarray(ids + list(tail), np.int32)
+
+
+def single_image_sample(h: int, w: int, cfg: ModelConfig, seed: int = 0) -> Sample:
+    from data_pipelines import image_processing
+
+    crops, item = image_processing.preprocess("anyres", random_image(h, w, seed), cfg)
+    torch_kwargs = {
+        "pixel_values": to_hf_pixels(crops)[None],
+        "image_sizes": np.asarray([[h, w]]),
+    }
+    return Sample(expand([item], cfg), crops, [item], torch_kwargs)
+
+
+def multi_image_sample(sizes, cfg: ModelConfig, seed: int = 0) -> Sample:
+    from data_pipelines import image_processing
+
+    crops, items = [], []
+    for i, (h, w) in enumerate(sizes):
+        c, item = image_processing.preprocess("pad", random_image(h, w, seed + i), cfg)
+        crops.append(c)
+        items.append(item)
+    crops = np.concatenate(crops)
+    torch_kwargs = {
+        "pixel_values": to_hf_pixels(crops)[:, None],  # [num_images, 1 crop, 3, S, S]
+        "image_sizes": np.asarray(sizes),
+        "batch_num_images": np.asarray([len(sizes)]),
+    }
+    return Sample(expand(items, cfg), crops, items, torch_kwargs)
+
+
+def video_sample(num_frames: int, cfg: ModelConfig, seed: int = 0) -> Sample:
+    from data_pipelines import image_processing
+
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (num_frames, 240, 320, 3), dtype=np.uint8)
+    crops = image_processing.video_frames(frames, cfg)
+    item = visual_layout.VisualItem(kind="video", num_frames=num_frames)
+    torch_kwargs = {"pixel_values_videos": to_hf_pixels(crops)[None]}
+    return Sample(expand([item], cfg), crops, [item], torch_kwargs)
+
+
+def text_sample() -> Sample:
+    head, tail = chat_frame()
+    body = [9707, 11, 1879, 0, 3555]  # ordinary text ids, inside any test vocabulary
+    tokens = np.asarray(list(head) + body + list(tail), np.int32)
+    return Sample(tokens, np.zeros((0, 384, 384, 3), np.uint8), [], {})
+
+
+def our_batch(samples, cfg: ModelConfig, length: int, num_crops: int, pack: bool = False):
+    """Batch-contract arrays: one sample per row, or all samples packed into one row."""
+    rows = [samples] if pack else [[s] for s in samples]
+    size = cfg.vision.image_size
+    b = len(rows)
+    batch = {
+        "tokens": np.zeros((b, length), np.int32),
+        "positions": np.zeros((b, length), np.int32),
+        "segment_ids": np.zeros((b, length), np.int32),
+        "pixels": np.zeros((b, num_crops, size, size, 3), np.uint8),
+    }
+    vis_idx, vis_w = [], []
+    for r, row in enumerate(rows):
+        t = c = 0
+        for seg, s in enumerate(row, start=1):
+            n = len(s.tokens)
+            batch["tokens"][r, t : t + n] = s.tokens
+            batch["positions"][r, t : t + n] = np.arange(n)
+            batch["segment_ids"][r, t : t + n] = seg
+            batch["pixels"][r, c : c + len(s.crops)] = s.crops
+            t, c = t + n, c + len(s.crops)
+        items = [item for s in row for item in s.items]
+        idx, w = visual_layout.place_taps(batch["tokens"][r], items, cfg, num_crops)
+        vis_idx.append(idx)
+        vis_w.append(w)
+    batch["vis_idx"] = np.stack(vis_idx)
+    batch["vis_w"] = np.stack(vis_w)
+    return batch
+
+
+def hf_logits(model, sample: Sample) -> np.ndarray:
+    """float32[T, V] logits of the HF model for one unpadded sample."""
+    import torch
+
+    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in sample.hf_kwargs.items()}
+    ids = torch.from_numpy(sample.tokens.astype(np.int64))[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out.logits[0].float().numpy()

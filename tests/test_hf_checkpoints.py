@@ -106,3 +106,16 @@ def test_chat_frame_is_the_qwen_chatml_user_turn():
     )
     tokens = text_sample().tokens.tolist()
     assert tokens[: len(head)] == list(head) and tokens[-len(tail) :] == list(tail)
+
+
+def test_a_small_vocab_gets_a_tokenizer_whose_ids_fit(tmp_path):
+    """Round-trip tests use vocab 1024: Qwen-2's ids would lie outside the table."""
+    from lov_jax.convert.safetensors_io import load_hf_checkpoint
+
+    d = make_tiny_hf(tmp_path, vocab_size=1024, num_layers=1)
+    config, generation, _ = _read(d)
+    assert config["text_config"]["vocab_size"] == 1024
+    ids = [config["image_token_index"], config["video_token_index"], generation["pad_token_id"]]
+    assert max(ids + generation["eos_token_id"]) < 1024
+    cfg, _ = load_hf_checkpoint(d)
+    assert cfg.ids.image == config["image_token_index"] and cfg.text.vocab_size == 1024

@@ -54,7 +54,10 @@ def make_tiny_hf(
     a `lov_jax.testing.tokenizers.TokenizerSpec` (default Qwen-2's); its special ids go
     into config.json and generation_config.json as llava-hf writes them, and
     `image_token_id` / `video_token_id` (default: the tokenizer's `<image>` / `<video>`)
-    into config.json. `vocab_size` defaults to the tokenizer's size.
+    into config.json. `vocab_size` defaults to the tokenizer's size; a `vocab_size`
+    below Qwen-2's with no `tokenizer` gets a ChatML BPE of that size
+    (`tokenizers.small_bpe(vocab_size, style="chatml")`), so every special id lies
+    inside the embedding table.
     """
     import torch
     from transformers import (
@@ -68,6 +71,8 @@ def make_tiny_hf(
     from lov_jax.testing import tokenizers as test_tokenizers
 
     spec = tokenizer or test_tokenizers.qwen2()
+    if tokenizer is None and vocab_size is not None and vocab_size < spec.vocab_size:
+        spec = test_tokenizers.small_bpe(vocab_size, style="chatml")
     ids = spec.token_ids
     image_token_id = ids.image if image_token_id is None else image_token_id
     video_token_id = ids.video if video_token_id is None else video_token_id

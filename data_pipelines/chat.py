@@ -1,57 +1,73 @@
-"""Chat templating, tokenisation and loss masks (REFERENCE.md 7).
+"""Conversation templates by name, tokenisation and loss masks (REFERENCE.md 7).
+
+Training renders LLaVA-NeXT's conversation formats (llava/conversation.py `conv_templates`,
+masked as llava/train/train.py `preprocess_*` does) by name; inference renders the
+checkpoint's own jinja when it has one (data_pipelines/chat_template.py).
+
+  name              orig preprocess   one turn pair, `[...]` = trained in mode `assistant`
+  qwen_1_5          preprocess_qwen   <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n
+                                      [{a}<|im_end|>]\\n
+  chatml_direct     preprocess_mpt    <|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n
+                                      [{a}<|im_end|>]            (no "\\n" between turns)
+  vicuna_v1         preprocess_v1     <s>{system} USER: {q} ASSISTANT: [{a}</s>]
+  llava_llama_3     preprocess_llama3 <|begin_of_text|><|start_header_id|>user<|end_header_id|>
+                                      \\n\\n{q}<|eot_id|><|start_header_id|>assistant
+                                      <|end_header_id|>\\n\\n[{a}<|eot_id|>]   (q, a stripped)
+  mistral_instruct  preprocess_llama_2 <s>[INST] {q} [/INST] [{a} </s>]
+  plain             preprocess_plain  [<image>]{caption}\\n: all but the placeholder trained
 
 Two steps, kept apart so that placeholder expansion can sit between them:
 
 1. `tokenize_conversation(turns, tokenizer, options)` -> (ids int32[T], trained bool[T]).
-   `trained` is *label aligned*, in the HF/orig sense: trained[j] says whether token j
-   is a label (orig: labels[j] != -100), i.e. whether it is trained to be predicted
-   from position j - 1. Placeholders are single ids (151646 `<image>`, 151647
-   `<video>`) here.
+   The rendered text is tokenised once; a token is a label when its characters overlap a
+   trained piece (so a content starting with "\\n" that merges with a header's "\\n" is
+   trained). `trained` is *label aligned*, in the HF/orig sense: trained[j] says whether
+   token j is a label (orig: labels[j] != -100), i.e. whether it is trained to be
+   predicted from position j - 1. Placeholders are single ids here.
 2. `next_token_targets(tokens, trained, visual_ids, pad_id)` after expansion ->
    targets[t] = tokens[t + 1], loss_mask[t] = trained[t + 1], last position (pad, 0).
 
-Loss-mask modes of the `qwen` (ChatML) template, per turn piece
-`<|im_start|>{role}\\n{content}<|im_end|>\\n`:
+Loss-mask modes:
 
-* `assistant` (HF convention, TRL `assistant_only_loss`): labels are the assistant
-  content tokens and the closing `<|im_end|>`; never the `<|im_start|>assistant\\n`
-  header, the "\\n" after `<|im_end|>`, system or user tokens. (llava-hf's template
-  wraps only the content in `{% generation %}`; we add `<|im_end|>` so the model learns
-  to stop.) Predicting the first content token from the header's "\\n" is trained;
-  predicting the next `<|im_start|>` after an assistant turn is not.
-* `llava_next` (orig `preprocess_qwen`, exactly): labels are whole assistant pieces
-  (header, content, `<|im_end|>`, trailing "\\n"); then every token equal to 198 ("\\n"),
-  `<|im_start|>` or `<|im_end|>` anywhere (system and user turns included) is a label.
+* `assistant` (HF convention, TRL `assistant_only_loss`): the assistant content and the
+  token closing its turn; never headers, separators after the stop token, system or user
+  tokens. For vicuna_v1 / mistral_instruct / chatml_direct / plain this is exactly orig's
+  mask (orig masks the instruction of each round and trains the rest).
+* `llava_next` (orig, exactly): as `assistant`, except qwen_1_5 and llava_llama_3, whose
+  orig trains whole assistant pieces (header and trailing "\\n" included) and then every
+  occurrence of its `unmask` tokens anywhere (system and user turns included).
 
-`plain` (stage 1, orig `preprocess_plain`): `<image>` + caption + "\\n"; every token
-but the placeholder is a label. The mask mode is ignored.
+Every id comes from the tokenizer: the template's special texts (`<|im_start|>`, `</s>`,
+...) must each be one token of it, or the template does not fit the tokenizer (ValueError).
+
+Deviations from orig: `<image>` is a token of the tokenizer, so the text is tokenised in
+one piece (orig `tokenizer_image_token` splits it at `<image>` and tokenises each chunk,
+which differs only for tokenizers that add a prefix space per call); orig's per-round
+length bookkeeping, which masks a whole conversation on a mismatch (it does with a
+tokenizer without bos under chatml_direct), is replaced by the character overlap above.
 
 Visual tokens are never labels (orig: the spliced feature block gets -100). After the
 shift that means: no target is a visual token, and a visual position is trained only
 when the token after the run is a label - in practice the "\\n" after `<image>` in
-`llava_next` mode (orig trains it, predicted from the last visual token); in
-`assistant` mode only if a placeholder sits inside an assistant turn.
+qwen_1_5 `llava_next` mode (orig trains it, predicted from the last visual token).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import enum
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from data_pipelines.sample import SkipSample
+from data_pipelines.sample import BadSample, Reason
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-NEWLINE_ID = 198  # "\n" alone in the Qwen2 vocabulary
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-TEMPLATES = ("qwen", "plain")
 MASK_MODES = ("assistant", "llava_next")
 
-# orig `preprocess_qwen` roles; "user"/"assistant"/"system" pass through.
+# orig `preprocess_*` roles; "user"/"assistant"/"system" pass through.
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -60,23 +76,93 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
+# Piece kinds of a rendered conversation: which characters become labels.
+PROMPT, HEADER, ANSWER, TAIL = "prompt", "header", "answer", "tail"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvTemplate:
+    """One LLaVA-NeXT conversation format.
+
+    style: the renderer (conversation.py `SeparatorStyle`: chatml, mpt, two, llama_2,
+    llama_3, plain); system: its default system prompt; specials: texts that must be one
+    token each; unmask: `llava_next` labels wherever they occur (orig `unmask_tokens`);
+    whole_turn: `llava_next` also trains the assistant header and tail.
+    """
+
+    name: str
+    style: str
+    system: str
+    specials: tuple[str, ...]
+    unmask: tuple[str, ...] = ()
+    whole_turn: bool = False
+
+
+TEMPLATES: dict[str, ConvTemplate] = {
+    t.name: t
+    for t in (
+        ConvTemplate("qwen_1_5", "chatml", "You are a helpful assistant.",
+                     ("<|im_start|>", "<|im_end|>"),
+                     unmask=("\n", "<|im_start|>", "<|im_end|>"), whole_turn=True),
+        ConvTemplate("chatml_direct", "mpt", "Answer the questions.",
+                     ("<|im_start|>", "<|im_end|>")),
+        ConvTemplate("vicuna_v1", "two",
+                     "A chat between a curious user and an artificial intelligence assistant. "
+                     "The assistant gives helpful, detailed, and polite answers to the user's "
+                     "questions.",
+                     ("<s>", "</s>")),
+        # orig also lists "\n\n" in unmask, but looks it up with convert_tokens_to_ids, which
+        # finds no such token in Llama-3's byte-level vocabulary ("ĊĊ"): never unmasked.
+        ConvTemplate("llava_llama_3", "llama_3",
+                     "You are a helpful language and vision assistant. You are able to "
+                     "understand the visual content that the user provides, and assist the "
+                     "user with a variety of tasks using natural language.",
+                     ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eot_id|>"),
+                     unmask=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                             "<|eot_id|>"), whole_turn=True),
+        ConvTemplate("mistral_instruct", "llama_2", "", ("<s>", "</s>")),
+        ConvTemplate("plain", "plain", "", ()),
+    )
+}  # fmt: skip
+# Other names of the same formats (conversation.py `conv_templates`; `qwen` is ours).
+ALIASES = {"qwen": "qwen_1_5", "qwen_2": "qwen_1_5", "v1": "vicuna_v1",
+           "llava_mistral_instruct": "mistral_instruct"}  # fmt: skip
+
+
+def get_template(name: str) -> ConvTemplate:
+    t = TEMPLATES.get(ALIASES.get(name, name))
+    if t is None:
+        raise ValueError(f"conversation template {name!r} not in {sorted(TEMPLATES)}")
+    return t
+
+
+class _Default(enum.Enum):
+    SYSTEM = "the template's system prompt"
+
+
+TEMPLATE_SYSTEM = _Default.SYSTEM
+
 
 @dataclasses.dataclass(frozen=True)
 class ChatOptions:
-    """template: "qwen" | "plain"; loss_mask: "assistant" | "llava_next";
-    system_prompt: the system turn of "qwen" (None: no system turn);
-    move_image_to_front: orig `preprocess_multimodal` quirk (media records only)."""
+    """template: a `TEMPLATES` name (or alias; stored as the canonical name);
+    loss_mask: "assistant" | "llava_next"; system_prompt: the system turn, by default the
+    template's own (None or "": no system turn); move_image_to_front: orig
+    `preprocess_multimodal` quirk (media records only)."""
 
-    template: str = "qwen"
+    template: str = "qwen_1_5"
     loss_mask: str = "assistant"
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None | _Default = TEMPLATE_SYSTEM
     move_image_to_front: bool = True
 
     def __post_init__(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template {self.template!r} not in {TEMPLATES}")
+        t = get_template(self.template)
+        object.__setattr__(self, "template", t.name)
         if self.loss_mask not in MASK_MODES:
             raise ValueError(f"loss_mask {self.loss_mask!r} not in {MASK_MODES}")
+        system = t.system if self.system_prompt is TEMPLATE_SYSTEM else self.system_prompt
+        object.__setattr__(self, "system_prompt", system or None)
 
 
 # ---- conversations ---------------------------------------------------------------------
@@ -86,27 +172,27 @@ def normalize_turns(conversations: Any) -> list[tuple[str, str]]:
     """LLaVA `conversations` -> [(role, text)] with roles user/assistant/system.
 
     Accepts {from, value} and {role, content}. A leading turn that is not the user's is
-    dropped (orig). Raises SkipSample('malformed_record') for anything else.
+    dropped (orig). Raises BadSample(MALFORMED_RECORD) for anything else.
     """
     if not isinstance(conversations, (list, tuple)) or not conversations:
-        raise SkipSample("malformed_record", "`conversations` must be a non-empty list")
+        raise BadSample(Reason.MALFORMED_RECORD, "`conversations` must be a non-empty list")
     turns = []
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise SkipSample("malformed_record", f"turn {k} is a {type(turn).__name__}")
+            raise BadSample(Reason.MALFORMED_RECORD, f"turn {k} is a {type(turn).__name__}")
         role = turn.get("role", turn.get("from"))
         text = turn.get("content", turn.get("value"))
         if role not in ROLE_ALIASES:
-            raise SkipSample("malformed_record", f"turn {k} has unknown role {role!r}")
+            raise BadSample(Reason.MALFORMED_RECORD, f"turn {k} has unknown role {role!r}")
         if not isinstance(text, str):
-            raise SkipSample(
-                "malformed_record", f"turn {k} text is a {type(text).__name__}, not str"
+            raise BadSample(
+                Reason.MALFORMED_RECORD, f"turn {k} text is a {type(text).__name__}, not str"
             )
         turns.append((ROLE_ALIASES[role], text))
     if turns[0][0] != "user":
         turns = turns[1:]
     if not turns:
-        raise SkipSample("malformed_record", "no turns left after dropping the leading one")
+        raise BadSample(Reason.MALFORMED_RECORD, "no turns left after dropping the leading one")
     return turns
 
 
@@ -133,6 +219,147 @@ def image_to_video_placeholder(turns: list[tuple[str, str]]) -> list[tuple[str, 
     return [(r, t.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for r, t in turns]
 
 
+def message_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """HF chat messages -> [(role, text)]: content items in order, an image as
+    `<image>\\n`, a video as `<video>\\n` (LLaVA's placement), text as written."""
+    turns = []
+    for k, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message {k}: role {role!r} not system/user/assistant")
+        if content is None or isinstance(content, str):
+            turns.append((role, content or ""))
+            continue
+        parts = []
+        for item in content:
+            kind = item.get("type") if isinstance(item, Mapping) else None
+            if kind == "text":
+                parts.append(str(item.get("text", "")))
+            elif kind in ("image", "video"):
+                parts.append((IMAGE_PLACEHOLDER if kind == "image" else VIDEO_PLACEHOLDER) + "\n")
+            else:
+                raise ValueError(f"message {k}: content item {item!r} is not text/image/video")
+        turns.append((role, "".join(parts)))
+    return turns
+
+
+# ---- rendering -------------------------------------------------------------------------
+
+Pieces = list[tuple[str, str]]  # (text, kind): the rendered conversation in order
+
+
+def _alternating(turns: Sequence[tuple[str, str]], t: ConvTemplate) -> None:
+    for k, (role, _) in enumerate(turns):
+        if role != ("user", "assistant")[k % 2]:
+            raise BadSample(Reason.MALFORMED_RECORD,
+                            f"template {t.name} needs user/assistant turns in turn, "
+                            f"turn {k} is {role!r}")  # fmt: skip
+
+
+def _render_chatml(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
+    # chatml: "\n" after every <|im_end|>; mpt (chatml_direct): turns back to back.
+    nl = "\n" if t.style == "chatml" else ""
+    if t.style == "mpt":
+        _alternating(turns, t)
+    out = [(f"<|im_start|>system\n{system}<|im_end|>{nl}", PROMPT)] if system else []
+    for role, text in turns:
+        if role == "assistant":
+            out += [("<|im_start|>assistant\n", HEADER), (f"{text}<|im_end|>", ANSWER)]
+            out += [(nl, TAIL)] if nl else []
+        else:
+            out.append((f"<|im_start|>{role}\n{text}<|im_end|>{nl}", PROMPT))
+    if generation:
+        out.append(("<|im_start|>assistant\n", PROMPT))
+    return out
+
+
+def _render_llama_3(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
+    # Llama-3-Instruct's own template (orig applies it per turn): content `| trim`med.
+    def header(role):
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+    out = [("<|begin_of_text|>", PROMPT)]
+    if system:
+        out.append((f"{header('system')}{system.strip()}<|eot_id|>", PROMPT))
+    for role, text in turns:
+        if role == "assistant":
+            out += [(header(role), HEADER), (f"{text.strip()}<|eot_id|>", ANSWER)]
+        else:
+            out.append((f"{header(role)}{text.strip()}<|eot_id|>", PROMPT))
+    if generation:
+        out.append((header("assistant"), PROMPT))
+    return out
+
+
+def _render_two(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
+    # conversation.py SeparatorStyle.TWO, sep " ", sep2 "</s>"; <s> is the tokenizer's bos.
+    _alternating(turns, t)
+    out = [("<s>" + (f"{system} " if system else ""), PROMPT)]
+    for role, text in turns:
+        if role == "user":
+            out.append((f"USER: {text} ", PROMPT))
+        else:
+            out += [("ASSISTANT: ", HEADER), (f"{text}</s>", ANSWER)]
+    if generation:
+        out.append(("ASSISTANT:", PROMPT))
+    return out
+
+
+def _render_llama_2(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
+    # conversation.py SeparatorStyle.LLAMA_2 with sep "" (mistral_instruct), sep2 "</s>".
+    _alternating(turns, t)
+    out = [("<s>", PROMPT)]
+    for k, (role, text) in enumerate(turns):
+        if role == "user":
+            if k == 0 and system:
+                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
+            out.append((f"[INST] {text} [/INST]", PROMPT))
+        else:
+            out += [(" ", HEADER), (f"{text} </s>", ANSWER)]
+    return out  # the generation prompt ends with "[/INST]"
+
+
+def _render_plain(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
+    # orig preprocess_plain: the user turn is replaced by its placeholder; sep "\n".
+    if generation:
+        if len(turns) != 1 or turns[0][0] != "user":
+            raise ValueError("plain template: a generation prompt is one user turn")
+        return [(turns[0][1] + "\n", PROMPT)]  # conversation.py get_prompt
+    if len(turns) != 2 or turns[0][0] != "user" or turns[1][0] != "assistant":
+        raise BadSample(Reason.MALFORMED_RECORD,
+                        "plain template needs one user + one assistant turn")  # fmt: skip
+    first = turns[0][1]
+    if IMAGE_PLACEHOLDER not in first and VIDEO_PLACEHOLDER not in first:
+        raise BadSample(Reason.PLACEHOLDER_MISMATCH, "plain template: user turn has no <image>")
+    placeholder = VIDEO_PLACEHOLDER if VIDEO_PLACEHOLDER in first else IMAGE_PLACEHOLDER
+    return [(placeholder, PROMPT), (turns[1][1] + "\n", ANSWER)]
+
+
+_RENDER = {"chatml": _render_chatml, "mpt": _render_chatml, "two": _render_two,
+           "llama_2": _render_llama_2, "llama_3": _render_llama_3,
+           "plain": _render_plain}  # fmt: skip
+
+
+def render_pieces(
+    turns: Sequence[tuple[str, str]], template: str, system: str | None, *, generation: bool
+) -> Pieces:
+    """The conversation as (text, kind) pieces; `generation` appends the assistant cue."""
+    t = get_template(template)
+    return _RENDER[t.style](list(turns), t, system, generation)
+
+
+def render_generation_prompt(turns: Sequence[tuple[str, str]], template: str) -> str:
+    """The prompt text of `turns` (a leading system turn replaces the template's system
+    prompt; the last turn is the user's) followed by the assistant cue."""
+    turns = list(turns)
+    system = get_template(template).system
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    if not turns or turns[-1][0] != "user":
+        raise ValueError("a generation prompt needs a conversation ending with a user turn")
+    return "".join(text for text, _ in render_pieces(turns, template, system, generation=True))
+
+
 # ---- tokenisation ----------------------------------------------------------------------
 
 
@@ -141,71 +368,39 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-def _token_id(tokenizer, token: str) -> int:
-    i = tokenizer.token_to_id(token)
-    if i is None:
-        raise ValueError(f"tokenizer has no {token!r} token")
-    return int(i)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def single_token_id(tokenizer, text: str, template: str = "") -> int:
+    """The id `text` encodes to; ValueError unless it is exactly one token."""
+    ids = encode(tokenizer, text)
+    if len(ids) != 1:
+        where = f"template {template}: " if template else ""
+        raise ValueError(f"{where}{text!r} is not one token of this tokenizer (got {ids})")
+    return ids[0]
 
 
 def tokenize_conversation(
     turns: Sequence[tuple[str, str]], tokenizer, options: ChatOptions = ChatOptions()
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render + tokenise. Returns (ids int32[T], trained bool[T], label aligned)."""
-    if options.template == "plain":
-        return _tokenize_plain(turns, tokenizer)
-    pieces = []
-    if options.system_prompt is not None:
-        pieces.append(("system", options.system_prompt))
-    pieces += list(turns)
-    ids: list[int] = []
-    trained: list[bool] = []
-    for role, content in pieces:
-        # Each piece is tokenised on its own, as orig (`apply_chat_template` per turn).
-        piece = encode(tokenizer, f"{IM_START}{role}\n{content}{IM_END}\n")
-        if role != "assistant":
-            mask = [False] * len(piece)
-        elif options.loss_mask == "llava_next":
-            mask = [True] * len(piece)
-        else:
-            # content = between the header and the closing [<|im_end|>, "\n"]; a content
-            # starting with whitespace may merge with the header's "\n" (then trained).
-            header = encode(tokenizer, f"{IM_START}{role}\n")
-            start = _common_prefix(piece, header)
-            mask = [start <= j < len(piece) - 1 for j in range(len(piece))]
-        ids += piece
-        trained += mask
-    trained_arr = np.asarray(trained, bool)
-    ids_arr = np.asarray(ids, np.int32)
-    if options.loss_mask == "llava_next":
-        unmask = [NEWLINE_ID, _token_id(tokenizer, IM_START), _token_id(tokenizer, IM_END)]
-        trained_arr |= np.isin(ids_arr, unmask)
-    return ids_arr, trained_arr
-
-
-def _tokenize_plain(turns, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Orig `preprocess_plain`: 2 turns; the human turn is replaced by its placeholder."""
-    if len(turns) != 2 or turns[0][0] != "user" or turns[1][0] != "assistant":
-        raise SkipSample("malformed_record", "plain template needs one user + one assistant turn")
-    first = turns[0][1]
-    has_video = VIDEO_PLACEHOLDER in first
-    if IMAGE_PLACEHOLDER not in first and not has_video:
-        raise SkipSample("placeholder_mismatch", "plain template: user turn has no <image>")
-    placeholder = VIDEO_PLACEHOLDER if has_video else IMAGE_PLACEHOLDER
-    # orig tokenises around the placeholder (`tokenizer_image_token`); with <image> a
-    # special token, one call over the whole string gives the same ids.
-    ids = np.asarray(encode(tokenizer, placeholder + turns[1][1] + "\n"), np.int32)
-    trained = np.ones(len(ids), bool)
-    trained[0] = False
+    t = get_template(options.template)
+    for text in t.specials:
+        single_token_id(tokenizer, text, t.name)
+    pieces = render_pieces(turns, t.name, options.system_prompt, generation=False)
+    whole = options.loss_mask == "llava_next" and t.whole_turn
+    labelled = (ANSWER, HEADER, TAIL) if whole else (ANSWER,)
+    # chars[c] = 1 where character c belongs to a trained piece; a token is a label when
+    # its characters overlap one (counted with a prefix sum over its offsets).
+    chars = np.concatenate(
+        [np.full(len(text), kind in labelled, np.int64) for text, kind in pieces] + [[]]
+    ).astype(np.int64)
+    enc = tokenizer.encode("".join(text for text, _ in pieces), add_special_tokens=False)
+    ids = np.asarray(enc.ids, np.int32)
+    cum = np.concatenate([[0], np.cumsum(chars)])
+    offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+    trained = cum[offsets[:, 1]] > cum[offsets[:, 0]]
+    if options.loss_mask == "llava_next" and t.unmask:
+        trained |= np.isin(ids, [single_token_id(tokenizer, u, t.name) for u in t.unmask])
+    if t.style == "plain":
+        trained[:1] = False  # orig: the placeholder is never a label
     return ids, trained
 
 

@@ -35,12 +35,10 @@ import grain
 import numpy as np
 
 from data_pipelines.packing import PackConfig, Packer, PackStats, empty_rows, write_row
-from data_pipelines.sample import Sample, SkipSample
+from data_pipelines.sample import POLICIES, BadSample, Reason, Sample
 from lov_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-ON_ERROR = ("skip", "raise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +48,7 @@ class LoaderConfig:
     batch_size: B rows per host batch. max_tokens / max_crops: L / N per row.
     num_epochs: None repeats forever. num_workers: decoding processes (0 = in-process).
     read_threads / read_buffer: threads and buffered samples per worker (or in-process).
-    on_error: "skip" (count SkipSample reasons, drop) or "raise".
+    on_error: a `sample.POLICIES` name: "skip" (drop, count `skip/<reason>`) or "raise".
     drop_remainder: at the end of a finite stream, drop a partial batch instead of
     completing it with empty rows.
     """
@@ -73,8 +71,8 @@ class LoaderConfig:
     log_first_skips: int = 5
 
     def __post_init__(self):
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error {self.on_error!r} not in {ON_ERROR}")
+        if self.on_error not in POLICIES:
+            raise ValueError(f"on_error {self.on_error!r} not in {POLICIES}")
 
     @property
     def pack(self) -> PackConfig:
@@ -85,26 +83,27 @@ class LoaderConfig:
 class Skipped:
     """What a bad record becomes in the stream (counted by the packing iterator)."""
 
-    reason: str
+    reason: Reason
     message: str
 
 
 class ProcessFn:
-    """record -> Sample | Skipped. Picklable as long as `fn` is (it runs in the workers)."""
+    """record -> Sample | Skipped: the one place the bad-input policy is applied.
 
-    def __init__(self, fn: Callable[[Any], Sample | None], on_error: str = "skip"):
+    Under "raise" the BadSample itself propagates (its message names the record).
+    Picklable as long as `fn` is (it runs in the workers).
+    """
+
+    def __init__(self, fn: Callable[[Any], Sample], on_error: str = "skip"):
         self.fn, self.on_error = fn, on_error
 
     def __call__(self, record: Any) -> Sample | Skipped:
         try:
-            out = self.fn(record)
-        except SkipSample as err:
+            return self.fn(record)
+        except BadSample as err:
             if self.on_error == "raise":
                 raise
             return Skipped(err.reason, str(err))
-        if out is None:  # e.g. records.SkipCounter.process under policy "skip"
-            return Skipped("skipped", "record processing returned None")
-        return out
 
 
 class PackedBatchIterator(grain.DatasetIterator):
@@ -229,7 +228,7 @@ def _mark_flags_parsed() -> None:
 
 def sample_dataset(
     records: Sequence[Any] | grain.MapDataset,
-    process: Callable[[Any], Sample | None],
+    process: Callable[[Any], Sample],
     loader: LoaderConfig,
     *,
     process_index: int | None = None,
@@ -254,7 +253,7 @@ def sample_dataset(
 
 def make_dataset(
     records: Sequence[Any] | grain.MapDataset,
-    process: Callable[[Any], Sample | None],
+    process: Callable[[Any], Sample],
     cfg: ModelConfig,
     loader: LoaderConfig,
     *,
@@ -284,7 +283,7 @@ def make_dataset(
 
 def make_loader(
     records: Sequence[Any] | grain.MapDataset,
-    process: Callable[[Any], Sample | None],
+    process: Callable[[Any], Sample],
     cfg: ModelConfig,
     loader: LoaderConfig,
     **shard: int | None,

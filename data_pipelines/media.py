@@ -1,7 +1,7 @@
 """Media decoding for records: images (path / bytes / {bytes, path}) and videos.
 
-Every failure is a `SkipSample` whose message names the file and the record, so the
-caller's bad-input policy (records.SkipCounter) can drop or raise. Reasons:
+Every failure is a `BadSample` whose message names the file and the record, so the
+caller's bad-input policy (loader `on_error`) can drop or raise. Reasons:
   missing_image, corrupt_image, missing_video, corrupt_video, empty_video, malformed_record.
 
 Media references as they appear in records (after `sources` resolved relative paths):
@@ -26,7 +26,7 @@ from PIL import Image
 
 from data_pipelines import video as video_lib
 from data_pipelines.image_processing import to_rgb
-from data_pipelines.sample import SkipSample
+from data_pipelines.sample import BadSample
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -72,7 +72,7 @@ def load_image(ref: Any, record_id: str = "") -> Image.Image:
         return to_rgb(ref)
     if isinstance(ref, np.ndarray):
         if ref.dtype != np.uint8 or ref.ndim not in (2, 3):
-            raise SkipSample(
+            raise BadSample(
                 "malformed_record", f"image array {ref.dtype}{list(ref.shape)}{_where(record_id)}"
             )
         return to_rgb(ref)
@@ -83,17 +83,17 @@ def load_image(ref: Any, record_id: str = "") -> Image.Image:
         elif ref.get("path"):
             ref = ref["path"]
         else:
-            raise SkipSample(
+            raise BadSample(
                 "missing_image", f"image entry has neither bytes nor path{_where(record_id)}"
             )
     if isinstance(ref, (bytes, bytearray, memoryview)):
         fileobj = io.BytesIO(bytes(ref))
     elif isinstance(ref, (str, Path)):
         if not os.path.isfile(ref):
-            raise SkipSample("missing_image", f"image file {name} not found{_where(record_id)}")
+            raise BadSample("missing_image", f"image file {name} not found{_where(record_id)}")
         fileobj = ref
     else:
-        raise SkipSample(
+        raise BadSample(
             "malformed_record", f"image field of type {type(ref).__name__}{_where(record_id)}"
         )
     try:
@@ -101,7 +101,7 @@ def load_image(ref: Any, record_id: str = "") -> Image.Image:
             image.load()
             return to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise SkipSample(
+        raise BadSample(
             "corrupt_image", f"cannot decode image {name}{_where(record_id)}: {err}"
         ) from err
 
@@ -127,7 +127,7 @@ def load_video(ref: Any, options: VideoOptions = VideoOptions(), record_id: str 
     if frames is not None:
         refs, name = frames
         if not refs:
-            raise SkipSample("empty_video", f"video {name} has no frames{_where(record_id)}")
+            raise BadSample("empty_video", f"video {name} has no frames{_where(record_id)}")
         idx = video_lib.training_frame_indices(
             len(refs),
             options.frame_folder_fps,
@@ -137,10 +137,10 @@ def load_video(ref: Any, options: VideoOptions = VideoOptions(), record_id: str 
         )
         try:
             images = [np.asarray(load_image(refs[i], record_id)) for i in idx]
-        except SkipSample as err:
-            raise SkipSample("corrupt_video", f"video {name}: {err}") from err
+        except BadSample as err:
+            raise BadSample("corrupt_video", f"video {name}: {err}") from err
         if len({im.shape for im in images}) > 1:
-            raise SkipSample(
+            raise BadSample(
                 "corrupt_video", f"video {name}: frames differ in size{_where(record_id)}"
             )
         return np.stack(images)
@@ -155,12 +155,12 @@ def load_video(ref: Any, options: VideoOptions = VideoOptions(), record_id: str 
             return io.BytesIO(data)
     elif isinstance(ref, (str, Path)):
         if not os.path.exists(ref):
-            raise SkipSample("missing_video", f"video file {name} not found{_where(record_id)}")
+            raise BadSample("missing_video", f"video file {name} not found{_where(record_id)}")
 
         def opener():
             return str(ref)
     else:
-        raise SkipSample(
+        raise BadSample(
             "malformed_record", f"video field of type {type(ref).__name__}{_where(record_id)}"
         )
     return _decode_sampled(opener, options, name, record_id)
@@ -172,7 +172,7 @@ def _decode_sampled(opener, options: VideoOptions, name: str, record_id: str) ->
     try:
         total, native_fps = video_lib.probe_video(opener())
         if total <= 0:
-            raise SkipSample("empty_video", f"video {name} has zero frames{_where(record_id)}")
+            raise BadSample("empty_video", f"video {name} has zero frames{_where(record_id)}")
         for _ in range(2):
             idx = video_lib.training_frame_indices(
                 total,
@@ -189,10 +189,10 @@ def _decode_sampled(opener, options: VideoOptions, name: str, record_id: str) ->
             if total <= 0:
                 break
     except (av.error.FFmpegError, IndexError, ValueError, OSError) as err:
-        raise SkipSample(
+        raise BadSample(
             "corrupt_video", f"cannot decode video {name}{_where(record_id)}: {err}"
         ) from err
-    raise SkipSample("empty_video", f"video {name} decoded to zero frames{_where(record_id)}")
+    raise BadSample("empty_video", f"video {name} decoded to zero frames{_where(record_id)}")
 
 
 def read_bytes(path: str | Path) -> bytes:

@@ -24,7 +24,6 @@ from lov_jax import visual_layout
 from lov_jax.config import ModelConfig
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RecordOptions:
     """chat: template / loss mask / system prompt; video: frame sampling;
@@ -122,8 +121,8 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
     total = len(ids) - len(items) + sum(counts)
     reason = over_budget(total, num_crops, options.max_tokens, options.max_crops)
     if reason is not None:
-        raise BadSample(reason, f"{total} tokens, {num_crops} crops > budgets "
-                        f"max_tokens {options.max_tokens}, max_crops {options.max_crops}")  # fmt: skip
+        budgets = f"max_tokens {options.max_tokens}, max_crops {options.max_crops}"
+        raise BadSample(reason, f"{total} tokens, {num_crops} crops: over {budgets}")
     tokens = expand_placeholders(ids, items, cfg)
     labels = chat.expand_trained(ids, trained, counts, visual_ids)
     targets, loss_mask = chat.next_token_targets(tokens, labels, visual_ids, cfg.ids.pad)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import chat
-from data_pipelines.sample import SkipSample
+from data_pipelines.sample import BadSample
 from data_pipelines.tokenizer import build_qwen2_tokenizer
 
 IM_START, IM_END, NL, IMG, VID, PAD = 151644, 151645, 198, 151646, 151647, 151643
@@ -82,7 +82,7 @@ def test_plain_template(tok):
     assert ids == [IMG, 32, 2518, 9334, 624]  # "<image>" "A" " red" " square" ".\n"
     assert targets == [32, 2518, 9334, 624, PAD]
     assert mask == [1, 1, 1, 1, 0]
-    with pytest.raises(SkipSample, match="one user"):
+    with pytest.raises(BadSample, match="one user"):
         _run(tok, conv + conv, template="plain")
 
 
@@ -93,10 +93,10 @@ def test_roles_content_keys_and_leading_turn(tok):
         {"role": "assistant", "content": "A cat."},
     ]
     assert _run(tok, conv) == _run(tok, CONV)
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         chat.normalize_turns([{"from": "robot", "value": "x"}])
     assert e.value.reason == "malformed_record"
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         chat.normalize_turns([{"from": "human", "value": ["x"]}])
     assert e.value.reason == "malformed_record"
 

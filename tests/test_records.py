@@ -1,6 +1,9 @@
 """Record -> Sample: kinds, token counts, video frames, bad-input policy."""
 
+import ast
+import functools
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -9,10 +12,13 @@ from PIL import Image
 
 from data_pipelines import chat, media, sources
 from data_pipelines.array_record_build import build_array_record
-from data_pipelines.records import BadRecordError, RecordOptions, SkipCounter, process_record
+from data_pipelines.loader import ProcessFn, Skipped
+from data_pipelines.records import RecordOptions, process_record
+from data_pipelines.sample import BadSample, Reason
 from data_pipelines.tokenizer import build_qwen2_tokenizer
 from data_pipelines.video import write_video
 from lov_jax import config, visual_layout
+from lov_jax.testing.tokenizers import qwen2_token_ids
 
 IMG, VID, PAD = 151646, 151647, 151643
 
@@ -28,7 +34,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg():
-    return config.tiny()
+    return config.tiny(token_ids=qwen2_token_ids())
 
 
 @pytest.fixture(scope="module")
@@ -173,46 +179,80 @@ BAD = {
 }
 
 
+def _policy(tok, cfg, on_error, options=None):
+    options = options or RecordOptions()
+    return ProcessFn(functools.partial(process_record, cfg=cfg, tokenizer=tok, options=options),
+                     on_error)  # fmt: skip
+
+
 def test_bad_input_skip_policy(data, tok, cfg):
     _, src = data
-    counter = SkipCounter("skip")
-    kept = [counter.process(src[i], cfg, tok) for i in range(len(src))]
-    assert [s.id for s in kept if s is not None] == [
+    out = [_policy(tok, cfg, "skip")(src[i]) for i in range(len(src))]
+    assert [s.id for s in out if not isinstance(s, Skipped)] == [
         "single", "single_list", "multi", "text", "video", "frames"
     ]  # fmt: skip
-    want: dict[str, int] = {}
-    for reason in BAD.values():
-        want[reason] = want.get(reason, 0) + 1
-    assert dict(counter.counts) == want
-    assert counter.stats()["seen"] == len(src) and counter.skipped == len(BAD)
-    other = SkipCounter()
-    other.merge(counter.stats())
-    assert other.counts == counter.counts and other.seen == counter.seen
+    skipped = {src[i]["id"]: s for i, s in enumerate(out) if isinstance(s, Skipped)}
+    assert {k: s.reason for k, s in skipped.items()} == BAD
+    for rid, s in skipped.items():
+        assert isinstance(s.reason, Reason) and f"'{rid}'" in s.message
 
 
 @pytest.mark.parametrize("rid", sorted(BAD))
 def test_bad_input_raise_policy(data, tok, cfg, rid):
-    recs, _ = data
-    with pytest.raises(BadRecordError) as e:
-        SkipCounter("raise").process(recs[rid], cfg, tok)
+    """Policy `raise` raises the same BadSample, naming the record and its file[index]."""
+    recs, src = data
+    with pytest.raises(BadSample) as e:
+        _policy(tok, cfg, "raise")(recs[rid])
     msg = str(e.value)
-    assert e.value.reason == BAD[rid]
-    assert f"'{rid}'" in msg and "data.json" in msg, msg
+    assert e.value.reason == BAD[rid] and msg.startswith(f"{BAD[rid]}: record '{rid}'")
+    index = [src[i]["id"] for i in range(len(src))].index(rid)
+    assert f"data.json[{index}])" in msg, msg
 
 
 def test_budgets(data, tok, cfg):
     recs, _ = data
     s = process_record(recs["multi"], cfg, tok)
-    counter = SkipCounter()
-    assert (
-        counter.process(recs["multi"], cfg, tok, RecordOptions(max_tokens=s.num_tokens)) is not None
-    )
-    assert (
-        counter.process(recs["multi"], cfg, tok, RecordOptions(max_tokens=s.num_tokens - 1)) is None
-    )
-    assert counter.process(recs["multi"], cfg, tok, RecordOptions(max_crops=2)) is None
-    assert counter.process(recs["video"], cfg, tok, RecordOptions(max_crops=2)) is None
-    assert dict(counter.counts) == {"too_long": 3}
+    reasons = []
+    for rec, opts in [
+        (recs["multi"], RecordOptions(max_tokens=s.num_tokens)),
+        (recs["multi"], RecordOptions(max_tokens=s.num_tokens - 1)),
+        (recs["multi"], RecordOptions(max_crops=2)),
+        (recs["video"], RecordOptions(max_crops=2)),
+    ]:
+        out = _policy(tok, cfg, "skip", opts)(rec)
+        reasons.append(out.reason if isinstance(out, Skipped) else None)
+    assert reasons == [None, "too_long_tokens", "too_many_crops", "too_many_crops"]
+
+
+def test_reason_names_are_one_closed_set():
+    """Every reason named in data_pipelines/ and lov_jax/ is a `sample.Reason`: literal first
+    arguments of BadSample / Skipped / BadRecord / count_skip, `"reason": ...` values and
+    Reason.X attributes; an unknown name is refused at construction."""
+    root = Path(__file__).resolve().parents[1]
+    names, seen = {r.value for r in Reason}, []
+    for path in [*root.joinpath("data_pipelines").rglob("*.py"),
+                 *root.joinpath("lov_jax").rglob("*.py")]:  # fmt: skip
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                fn = (
+                    node.func.attr
+                    if isinstance(node.func, ast.Attribute)
+                    else getattr(node.func, "id", None)
+                )
+                args = node.args[2:3] if fn == "BadRecord" else node.args[:1]
+                if fn in ("BadSample", "Skipped", "BadRecord", "count_skip"):
+                    seen += [(path.name, a.value) for a in args if isinstance(a, ast.Constant)]
+            elif isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values, strict=True):
+                    if isinstance(k, ast.Constant) and k.value == "reason":
+                        if isinstance(v, ast.Constant):
+                            seen.append((path.name, v.value))
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "Reason"):  # fmt: skip
+                assert hasattr(Reason, node.attr), f"{path.name}: Reason.{node.attr}"
+    assert [(f, r) for f, r in seen if r not in names] == []
+    with pytest.raises(ValueError):
+        BadSample("too_long", "an old name")
 
 
 def test_array_record_samples_identical(data, tok, cfg, tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_pipelines import media, sources
 from data_pipelines.array_record_build import build_array_record
-from data_pipelines.sample import SkipSample
+from data_pipelines.sample import BadSample
 from data_pipelines.video import training_frame_indices, write_video
 
 
@@ -297,25 +297,25 @@ def test_video_formats_and_folder(tmp_path):
 
 
 def test_media_errors(tmp_path):
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         media.load_image(str(tmp_path / "missing.png"))
     assert e.value.reason == "missing_image" and "missing.png" in str(e.value)
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         media.load_image(str(tmp_path / "bad.jpg"))
     assert e.value.reason == "corrupt_image" and "bad.jpg" in str(e.value)
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         media.load_image(12)
     assert e.value.reason == "malformed_record"
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         media.load_video(str(tmp_path / "bad.mp4"))
     assert e.value.reason == "corrupt_video" and "bad.mp4" in str(e.value)
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         media.load_video(str(tmp_path / "none.mp4"))
     assert e.value.reason == "missing_video"
     os.mkdir(tmp_path / "empty")
-    with pytest.raises(SkipSample) as e:
+    with pytest.raises(BadSample) as e:
         media.load_video(str(tmp_path / "empty"))
     assert e.value.reason == "empty_video"
 

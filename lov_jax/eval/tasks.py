@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.sample import Reason
 from lov_jax.eval import metrics
 
 MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -65,7 +66,7 @@ class Request:
 class BadRecord:
     id: str
     index: int
-    reason: str  # malformed_record | missing_media | unknown_metric | ...
+    reason: Reason  # data_pipelines.sample.Reason
     message: str
     prompt: str = ""
     target: Any = None
@@ -111,9 +112,9 @@ def read_records(spec: TaskSpec) -> list[Request | BadRecord]:
             seen.add(rid)
             out.append(_request(rec, rid, index, spec, root))
         except (ValueError, TypeError, KeyError) as err:
-            out.append(BadRecord(rid, index, "malformed_record", str(err)))
+            out.append(BadRecord(rid, index, Reason.MALFORMED_RECORD, str(err)))
         except FileNotFoundError as err:
-            out.append(BadRecord(rid, index, "missing_media", str(err)))
+            out.append(BadRecord(rid, index, Reason.MISSING_MEDIA, str(err)))
     return out
 
 

@@ -46,9 +46,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             "train_path": "",
             "image_folder": "",
             "video_folder": "",
-            # qwen (orig qwen_1_5) | plain (stage 1; its images are then square, 729
-            # tokens, no newline: data_pipelines/records.py)
-            "template": "qwen",
+            # a data_pipelines/chat.py TEMPLATES name: qwen_1_5 | chatml_direct | vicuna_v1 |
+            # llava_llama_3 | mistral_instruct | plain (stage 1; its images are then square,
+            # 729 tokens, no newline: data_pipelines/records.py)
+            "template": "qwen_1_5",
             "loss_mask": "llava_next",  # llava_next | assistant
             "system_prompt": "You are a helpful assistant.",
             "frames_upbound": 32,  # video frame cap (finetune_ov.sh; earlier stages: no video)

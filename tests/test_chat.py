@@ -224,3 +224,106 @@ def test_assistant_mask_is_hf_generation_mask_plus_im_end(tok, tmp_path):
 
 def test_word_count():
     assert chat.word_count(chat.normalize_turns(CONV)) == 6  # orig modality_lengths
+
+
+# ---- the other LLaVA-NeXT templates, on tokenizers other than Qwen's --------------------
+
+TWO_ROUNDS = [("user", "<image>\nWhat is this?"), ("assistant", "A cat."),
+              ("user", "And now?"), ("assistant", "A dog, sleeping.")]  # fmt: skip
+
+
+def _spec_tokenizer(specials):
+    from test_chat_template import small_tokenizer
+
+    return small_tokenizer(specials)
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "<image>", "<video>"]  # fmt: skip
+VICUNA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<video>"]
+
+
+def _trained_text(tok, turns, **kw):
+    """The trained targets decoded per contiguous run (what the loss sees)."""
+    ids, trained = chat.tokenize_conversation(turns, tok, chat.ChatOptions(**kw))
+    targets, mask = chat.next_token_targets(ids, trained, [tok.token_to_id("<image>")], 0)
+    runs, cur = [], []
+    for t, m in zip(targets.tolist(), mask.tolist(), strict=True):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur, skip_special_tokens=False))
+            cur = []
+    return runs
+
+
+@pytest.mark.parametrize(
+    "template,specials,want",
+    [
+        ("vicuna_v1", VICUNA_SPECIALS, [" A cat.</s>", " A dog, sleeping.</s>"]),
+        ("mistral_instruct", VICUNA_SPECIALS, [" A cat. </s>", " A dog, sleeping. </s>"]),
+        ("llava_llama_3", LLAMA3_SPECIALS, ["A cat.<|eot_id|>", "A dog, sleeping.<|eot_id|>"]),
+    ],
+)
+def test_assistant_masks_on_other_tokenizers(template, specials, want):
+    tok = _spec_tokenizer(specials)
+    # The token holding the space after "ASSISTANT:" / "[/INST]" is trained (orig's
+    # `instruction_len - 2` trains the "▁A" token the same way).
+    assert _trained_text(tok, TWO_ROUNDS, template=template, loss_mask="assistant") == want
+    if template != "llava_llama_3":  # orig masks these rounds exactly like `assistant`
+        assert _trained_text(tok, TWO_ROUNDS, template=template, loss_mask="llava_next") == want
+
+
+def test_chatml_direct_mask(tok):
+    ids, trained = chat.tokenize_conversation(
+        TWO_ROUNDS, tok, chat.ChatOptions(template="chatml_direct", loss_mask="llava_next")
+    )
+    text = (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n"
+        "What is this?<|im_end|><|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\n"
+        "And now?<|im_end|><|im_start|>assistant\nA dog, sleeping.<|im_end|>"
+    )
+    assert ids.tolist() == chat.encode(tok, text)
+    labels = tok.decode(ids[trained].tolist(), skip_special_tokens=False)
+    assert labels == "A cat.<|im_end|>A dog, sleeping.<|im_end|>"
+
+
+def test_llava_llama_3_llava_next_matches_orig_preprocess_llama3(tmp_path):
+    """LLaVA-NeXT `preprocess_llama3` (train.py) transcribed on HF's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat_template import LLAMA3_TEMPLATE, save_tokenizer
+
+    tok = _spec_tokenizer(LLAMA3_SPECIALS)
+    save_tokenizer(tmp_path, tok, LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>",
+                   eos_token="<|eot_id|>")  # fmt: skip
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    system = chat.get_template("llava_llama_3").system
+    unmask = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+              "\n\n"]  # fmt: skip
+    unmask_idx = [hf.convert_tokens_to_ids(t) for t in unmask]  # "\n\n": not a vocab entry
+    assert unmask_idx[-1] is None or unmask_idx[-1] == hf.unk_token_id
+    input_id = list(hf.apply_chat_template([{"role": "system", "content": system}],
+                                           return_dict=False))  # fmt: skip
+    target = [False] * len(input_id)
+    for role, content in TWO_ROUNDS:
+        encode_id = list(hf.apply_chat_template([{"role": role, "content": content}],
+                                                return_dict=False))[1:]  # fmt: skip
+        input_id += encode_id
+        target += [role == "assistant"] * len(encode_id)
+    target = [t or i in unmask_idx for t, i in zip(target, input_id, strict=True)]
+    ids, trained = chat.tokenize_conversation(
+        TWO_ROUNDS, tok, chat.ChatOptions(template="llava_llama_3", loss_mask="llava_next")
+    )
+    assert ids.tolist() == input_id
+    assert trained.tolist() == target
+
+
+def test_template_names_aliases_and_system_defaults():
+    assert chat.ChatOptions(template="qwen").template == "qwen_1_5"
+    assert chat.ChatOptions(template="v1").system_prompt == chat.get_template("vicuna_v1").system
+    assert chat.ChatOptions(template="mistral_instruct").system_prompt is None
+    assert chat.ChatOptions(system_prompt="").system_prompt is None
+    with pytest.raises(ValueError, match="not in"):
+        chat.ChatOptions(template="llama_9")
+    with pytest.raises(BadSample, match="user/assistant turns in turn"):
+        chat.render_pieces([("user", "a"), ("user", "b")], "vicuna_v1", None, generation=False)

@@ -1,14 +1,13 @@
 """Pack Samples into fixed-shape rows with two budgets: L tokens and N crops (DESIGN.md 2).
 
-Row layout (one row of the batch contract; B rows are stacked by `stack_rows`):
+Rows follow the batch contract (`lov_jax.batch`: keys, dtypes, shapes, bank rows); B
+rows are built by `empty_rows` and filled by `write_row`. Within a row:
 
-    tokens, targets  int32[L]        samples back to back, then pad_id / 0
-    loss_mask        float32[L]      the samples' masks, 0 on padding
-    segment_ids      int32[L]        1..S in placement order, 0 = padding
-    positions        int32[L]        0..T_k-1 inside segment k, 0 on padding
-    pixels           uint8[N, S, S, 3]  segment k's crops in consecutive slots, zeros after
-    vis_idx, vis_w   int32/float32[L, 4]  `place_taps` with the segment's crop offset, so
-                     segment k only taps its own crops (plus the shared newline/zero rows)
+    tokens, targets, loss_mask   samples back to back, then padding (pad_id / 0 / 0)
+    segment_ids, positions       1..S in placement order / 0..T_k-1 inside segment k; 0 on padding
+    pixels                       segment k's crops in consecutive slots, zeros after
+    vis_idx, vis_w               `place_taps` with the segment's crop offset, so segment k
+                                 only taps its own crops (plus the shared newline/zero rows)
 
 The packer never splits a sample. A sample over L tokens or N crops on its own is
 dropped with a counted reason ('too_long_tokens' / 'too_many_crops').
@@ -37,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.sample import Sample
+from data_pipelines.sample import Reason, Sample, over_budget
+from lov_jax.batch import empty_batch
 from lov_jax.config import ModelConfig
 from lov_jax.visual_layout import place_taps
 
-DROP_REASONS = ("too_long_tokens", "too_many_crops")
+DROP_REASONS = (Reason.TOO_LONG_TOKENS, Reason.TOO_MANY_CROPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +64,9 @@ class PackConfig:
             raise ValueError(f"bad PackConfig {self}")
 
 
-def drop_reason(num_tokens: int, num_crops: int, pack: PackConfig) -> str | None:
+def drop_reason(num_tokens: int, num_crops: int, pack: PackConfig) -> Reason | None:
     """Why a sample of this size can never be packed, or None."""
-    if num_tokens > pack.max_tokens:
-        return "too_long_tokens"
-    if num_crops > pack.max_crops:
-        return "too_many_crops"
-    return None
+    return over_budget(num_tokens, num_crops, pack.max_tokens, pack.max_crops)
 
 
 def select_row(tokens: np.ndarray, crops: np.ndarray, pack: PackConfig) -> list[int]:
@@ -108,20 +104,8 @@ def select_row(tokens: np.ndarray, crops: np.ndarray, pack: PackConfig) -> list[
 
 
 def empty_rows(batch: int, pack: PackConfig, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """All-padding batch of `batch` rows in the contract's shapes."""
-    big_l, big_n = pack.max_tokens, pack.max_crops
-    side, ch = cfg.vision.image_size, cfg.vision.num_channels
-    zero_index = big_n * cfg.vision.num_patches + 1
-    return {
-        "tokens": np.full((batch, big_l), pack.pad_id, np.int32),
-        "targets": np.zeros((batch, big_l), np.int32),
-        "loss_mask": np.zeros((batch, big_l), np.float32),
-        "segment_ids": np.zeros((batch, big_l), np.int32),
-        "positions": np.zeros((batch, big_l), np.int32),
-        "pixels": np.zeros((batch, big_n, side, side, ch), np.uint8),
-        "vis_idx": np.full((batch, big_l, 4), zero_index, np.int32),
-        "vis_w": np.zeros((batch, big_l, 4), np.float32),
-    }
+    """All-padding batch of `batch` rows of the row budgets (`lov_jax.batch.empty_batch`)."""
+    return empty_batch(batch, pack.max_tokens, pack.max_crops, cfg, pad_id=pack.pad_id)
 
 
 def write_row(
@@ -226,7 +210,7 @@ class Packer:
         self.pending: collections.deque[tuple[Any, Sample]] = collections.deque()
         self.stats = stats or PackStats(max_tokens=pack.max_tokens, max_crops=pack.max_crops)
 
-    def add(self, sample: Sample, key: Any = None) -> str | None:
+    def add(self, sample: Sample, key: Any = None) -> Reason | None:
         """Queue a sample; returns the drop reason if it can never fit."""
         reason = drop_reason(sample.num_tokens, sample.num_crops, self.pack)
         if reason is not None:

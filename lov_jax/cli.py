@@ -14,7 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lov_jax.inference.commands",
     "lov_jax.eval.commands",
     "data_pipelines.commands",
-    "lov_jax.plan_commands",
+    "lov_jax.plan.commands",
 )
 
 

@@ -1,4 +1,4 @@
-"""Multi-host start-up and topology-aware meshes.
+"""Multi-host start-up: join a multi-controller JAX job when the environment is one.
 
 `maybe_initialize()` joins this process to a multi-controller JAX job (`jax.distributed`)
 when the environment says it is one, and does nothing for a single process:
@@ -14,12 +14,7 @@ when the environment says it is one, and does nothing for a single process:
   (`MEGASCALE_*`), GKE/XPK TPU jobs.
 
 On the CPU backend, collectives go through gloo (set before the backend starts).
-
-`mesh_for_topology(ici, dcn_data)` builds the (data, fsdp, tensor) mesh of a job that
-spans `dcn_data` slices: the `ici` axes live inside a slice (fast interconnect), and
-the slices are stacked along the `data` axis (data-center network).
-`mesh_from_config(config.mesh)` is that mesh for a stage config's `mesh` block; every
-mesh built from a train config goes through it.
+The mesh of a multi-slice job is `sharding.make_mesh(..., dcn_data=slices)`.
 """
 
 from __future__ import annotations
@@ -28,10 +23,6 @@ import os
 from collections.abc import Mapping, Sequence
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh
-
-from lov_jax import sharding
 
 ENV_COORDINATOR = "LOV_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "LOV_JAX_NUM_PROCESSES"
@@ -108,110 +99,6 @@ def maybe_initialize(
         jax.distributed.initialize(local_device_ids=local_device_ids)
     _initialized_here = True
     return True
-
-
-def mesh_for_topology(
-    ici: Mapping[str, int], dcn_data: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
-    """(data, fsdp, tensor) mesh: `ici` axes inside each slice, `dcn_data` slices on `data`.
-
-    `ici` maps mesh axis names (`data`, `fsdp`, `tensor`; missing = 1, one may be -1) to
-    sizes within one slice; the global `data` axis is `dcn_data * ici['data']`. Slices are
-    told apart by `device.slice_index` (TPU multi-slice) or, where that does not give
-    `dcn_data` groups (CPU/GPU clusters), by process.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    unknown = set(ici) - set(sharding.MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {sharding.MESH_AXES}")
-    if dcn_data < 1:
-        raise ValueError(f"dcn_data must be >= 1, got {dcn_data}")
-    if len(devices) % dcn_data:
-        raise ValueError(f"{len(devices)} devices do not split into {dcn_data} slices")
-    per_slice = len(devices) // dcn_data
-    shape = [int(ici.get(a, 1)) for a in sharding.MESH_AXES]
-    if shape.count(-1) > 1:
-        raise ValueError("at most one ici mesh axis may be -1")
-    known = int(np.prod([s for s in shape if s != -1]))
-    if -1 in shape:
-        if per_slice % known:
-            raise ValueError(
-                f"{per_slice} devices per slice ({len(devices)} devices / {dcn_data} slices) "
-                f"do not divide into ici mesh {dict(zip(sharding.MESH_AXES, shape, strict=True))}"
-            )
-        shape[shape.index(-1)] = per_slice // known
-    if int(np.prod(shape)) * dcn_data != len(devices):
-        sizes = " x ".join(f"{a}={s}" for a, s in zip(sharding.MESH_AXES, shape, strict=True))
-        raise ValueError(
-            f"mesh ici({sizes}) x dcn_data={dcn_data} needs {int(np.prod(shape)) * dcn_data} "
-            f"devices, have {len(devices)} ({per_slice} per slice)"
-        )
-    if dcn_data == 1:
-        data, fsdp, tensor = shape
-        return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=devices)
-    from jax.experimental import mesh_utils
-
-    # Granules: TPU slices where devices carry distinct slice_index values, else processes
-    # (GPU/CPU clusters report slice_index 0 everywhere, or none).
-    slices = {getattr(d, "slice_index", None) for d in devices}
-    processes = {d.process_index for d in devices}
-    if None not in slices and len(slices) == dcn_data:
-        by_process = False
-    elif len(processes) == dcn_data:
-        by_process = True
-    else:
-        raise ValueError(
-            f"devices span {len(slices)} slice(s) and {len(processes)} process(es): "
-            f"cannot form dcn_data={dcn_data} slices"
-        )
-    array = mesh_utils.create_hybrid_device_mesh(
-        shape, (dcn_data, 1, 1), devices, process_is_granule=by_process
-    )
-    return Mesh(array, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
-
-
-def mesh_from_config(
-    mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None
-) -> Mesh:
-    """The mesh of a stage config's `mesh` block (`configs/common.py`).
-
-    `data`, `fsdp`, `tensor` are sizes inside one slice (one may be -1: the rest of the
-    slice); `dcn_data` slices are stacked on `data` over DCN, so the global data axis is
-    `dcn_data * data`; `num_devices` > 0 keeps only the first that many devices (the CPU
-    demo). The product must equal the device count.
-    """
-    fields = {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "num_devices": -1}
-    unknown = set(mesh_config) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config.mesh fields {sorted(unknown)}; expected {list(fields)}")
-    fields.update({k: int(v) for k, v in mesh_config.items()})
-    devices = list(jax.devices() if devices is None else devices)
-    if fields["num_devices"] > 0:
-        if fields["num_devices"] > len(devices):
-            raise ValueError(
-                f"mesh.num_devices={fields['num_devices']}: only {len(devices)} devices"
-            )
-        devices = devices[: fields["num_devices"]]
-    ici = {a: fields[a] for a in sharding.MESH_AXES}
-    _check_mesh_size(ici, fields["dcn_data"], len(devices))
-    return mesh_for_topology(ici, fields["dcn_data"], devices)
-
-
-def _check_mesh_size(ici: Mapping[str, int], dcn_data: int, num_devices: int) -> None:
-    """A ValueError naming the config.mesh fields unless they tile `num_devices`."""
-    sizes = {**ici, "dcn_data": dcn_data}
-    named = " x ".join(f"mesh.{k}={v}" for k, v in sizes.items())
-    values = list(sizes.values())
-    if dcn_data < 1 or values.count(-1) > 1 or any(v == 0 or v < -1 for v in values):
-        raise ValueError(f"{named}: sizes must be >= 1, and at most one of data/fsdp/tensor -1")
-    known = int(np.prod([v for v in values if v != -1]))
-    if -1 in values and num_devices % known:
-        raise ValueError(f"{named}: {num_devices} devices are not a multiple of {known}")
-    if -1 not in values and known != num_devices:
-        raise ValueError(
-            f"{named} = {known} devices, but the job has {num_devices}; make the product "
-            "equal the device count (or set one of data/fsdp/tensor to -1)"
-        )
 
 
 def _use_gloo_on_cpu() -> None:

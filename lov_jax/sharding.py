@@ -3,16 +3,23 @@
 Changing the parallelism means editing `LOGICAL_AXIS_RULES` (or passing another
 table), never the model. Mesh axes: `data` (pure data parallel), `fsdp`
 (data parallel + parameter/optimizer sharding), `tensor` (Megatron-style).
+
+Every mesh is built by `make_mesh` (commands through `mesh_from_flag`, the train loop
+through `mesh_from_config`, the planner on a TPU topology's devices), and every batch is
+placed by `batch_sharding`: its rows over the mesh axes `activation_batch` maps to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import flax.linen as nn
-import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+# jax and flax are imported where used: the CLI builds every --mesh flag from this module
+# (MESH_HELP) and stays light until a command runs.
+if TYPE_CHECKING:
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -42,31 +49,149 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
-    devices = list(jax.devices() if devices is None else devices)
+# The one --mesh syntax (generate, eval, convert, plan); train reads the same sizes from
+# its config's `mesh` block (`mesh_from_config`).
+MESH_HELP = (
+    "mesh axis sizes, e.g. fsdp=4,tensor=2: any of data, fsdp, tensor (unnamed: data=1, "
+    "fsdp=the remaining devices, tensor=1); one size may be -1 (the remaining devices)"
+)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2}: any subset of MESH_AXES.
+
+    A ValueError names the offending item (unknown axis, no '=', a non-integer size, an
+    axis given twice); sizes are checked against the devices by `make_mesh`.
+    """
+    sizes: dict[str, int] = {}
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or name not in MESH_AXES:
+            raise ValueError(
+                f"bad --mesh item {item!r}: expected AXIS=SIZE with AXIS one of {MESH_AXES}"
+            )
+        if name in sizes:
+            raise ValueError(f"bad --mesh item {item!r}: {name} is given twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"bad --mesh item {item!r}: {value!r} is not an integer") from None
+    return sizes
+
+
+def mesh_shape(
+    data: int, fsdp: int, tensor: int, num_devices: int, dcn_data: int = 1
+) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes inside one of `dcn_data` slices of `num_devices`, the
+    one -1 filled in; a ValueError unless they tile the devices."""
     shape = [data, fsdp, tensor]
-    if shape.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
-    known = int(np.prod([s for s in shape if s != -1]))
+    named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape) or dcn_data < 1:
+        raise ValueError(f"mesh {named} dcn_data={dcn_data}: sizes must be >= 1, one may be -1")
+    if num_devices % dcn_data:
+        raise ValueError(f"{num_devices} devices do not split into {dcn_data} slices")
+    per_slice = num_devices // dcn_data
+    known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
+        if per_slice % known:
+            raise ValueError(
+                f"mesh {named}: {per_slice} devices per slice ({num_devices} devices / "
+                f"{dcn_data} slices) are not a multiple of {known}"
+            )
+        shape[shape.index(-1)] = per_slice // known
+    if math.prod(shape) != per_slice:
+        slices = f" x dcn_data={dcn_data}" if dcn_data > 1 else ""
         raise ValueError(
-            f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} needs "
-            f"{int(np.prod(shape))} devices, have {len(devices)}"
+            f"mesh {named}{slices} needs {math.prod(shape) * dcn_data} devices, have {num_devices}"
         )
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return tuple(shape)
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    *,
+    dcn_data: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """The (data, fsdp, tensor) mesh every command builds; one size may be -1 (the rest).
+
+    `data`, `fsdp`, `tensor` are sizes inside one slice; `dcn_data` slices are stacked on
+    `data` over the data-center network, so the global data axis is `dcn_data * data`.
+    Slices are told apart by `device.slice_index` (TPU multi-slice) or, where that does
+    not give `dcn_data` groups (CPU/GPU clusters), by process.
+    """
+    import jax
+    from jax.sharding import AxisType, Mesh
+
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, fsdp, tensor, len(devices), dcn_data)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if dcn_data == 1:
+        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    # Granules: TPU slices where devices carry distinct slice_index values, else processes
+    # (GPU/CPU clusters report slice_index 0 everywhere, or none).
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    processes = {d.process_index for d in devices}
+    if None not in slices and len(slices) == dcn_data:
+        by_process = False
+    elif len(processes) == dcn_data:
+        by_process = True
+    else:
+        raise ValueError(
+            f"devices span {len(slices)} slice(s) and {len(processes)} process(es): "
+            f"cannot form dcn_data={dcn_data} slices"
+        )
+    array = mesh_utils.create_hybrid_device_mesh(
+        shape, (dcn_data, 1, 1), devices, process_is_granule=by_process
+    )
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
+
+
+def mesh_from_flag(text: str | None, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """The mesh of a command's `--mesh` value (`MESH_HELP`), or None when it is empty."""
+    return make_mesh(**parse_mesh(text), devices=devices) if text else None
+
+
+def mesh_from_config(
+    mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """The mesh of a stage config's `mesh` block (`configs/common.py`).
+
+    `data`, `fsdp`, `tensor`, `dcn_data` as in `make_mesh`; `num_devices` > 0 keeps only
+    the first that many devices (the CPU demo). A ValueError names the config fields.
+    """
+    fields = {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "num_devices": -1}
+    unknown = set(mesh_config) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config.mesh fields {sorted(unknown)}; expected {list(fields)}")
+    fields.update({k: int(v) for k, v in mesh_config.items()})
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    num = fields.pop("num_devices")
+    if num > 0:
+        if num > len(devices):
+            raise ValueError(f"mesh.num_devices={num}: only {len(devices)} devices")
+        devices = devices[:num]
+    try:
+        return make_mesh(**fields, devices=devices)
+    except ValueError as err:
+        named = " x ".join(f"mesh.{k}={v}" for k, v in fields.items())
+        raise ValueError(f"{named}: {err}") from None
 
 
 def logical_to_spec(
     names: Sequence[str | None], rules: Sequence[tuple] = LOGICAL_AXIS_RULES
 ) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec; a mesh axis used twice is an error."""
+    from jax.sharding import PartitionSpec
+
     table = dict(rules)
     used: set[str] = set()
     spec = []
@@ -82,12 +207,37 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def batch_sharding(
+    mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXIS_RULES, *, micro_batched: bool = False
+) -> NamedSharding:
+    """Sharding of every batch array (`lov_jax.batch`): rows by `activation_batch`.
+
+    Trailing dims stay whole; `micro_batched` adds the train step's leading micro-batch
+    axis A, also whole (the step scans over it).
+    """
+    from jax.sharding import NamedSharding
+
+    names = (None, "activation_batch") if micro_batched else ("activation_batch",)
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def batch_shards(axis_sizes: Mapping[str, int], rules: Sequence[tuple] = LOGICAL_AXIS_RULES) -> int:
+    """Ways the batch rows are split on a mesh of these axis sizes (`mesh.shape`): a
+    global batch is a multiple of this."""
+    entry = logical_to_spec(("activation_batch",), rules)[0]
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    return math.prod(axis_sizes.get(a, 1) for a in axes)
+
+
 def params_sharding(boxed_tree, mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXIS_RULES):
     """NamedSharding tree for a tree of `nn.LogicallyPartitioned` leaves (abstract ok).
 
     Works for params and for optimizer states built from boxed params (moments keep
     their parameter's names); unboxed leaves (step counters) are replicated.
     """
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
     def to_sharding(x):
         if isinstance(x, nn.LogicallyPartitioned):
@@ -101,4 +251,6 @@ def params_sharding(boxed_tree, mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXI
 
 def activation_rules(rules: Sequence[tuple] = LOGICAL_AXIS_RULES):
     """Context manager under which `nn.with_logical_constraint` uses our table."""
+    import flax.linen as nn
+
     return nn.logical_axis_rules(tuple(rules))

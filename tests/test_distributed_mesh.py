@@ -1,5 +1,6 @@
-"""`distributed.mesh_from_config`: a stage config's mesh block, multi-slice included
-(and the XPK launcher setting `mesh.dcn_data` for a multi-slice train job).
+"""The one mesh constructor (`sharding.make_mesh`) and the one `--mesh` syntax: a stage
+config's mesh block, multi-slice included (and the XPK launcher setting `mesh.dcn_data`
+for a multi-slice train job), the flag's parser, and every command building the same mesh.
 
 Multi-slice layouts are checked on stand-in devices that carry `slice_index` /
 `process_index` (this process's CPU devices are one slice of one process).
@@ -15,7 +16,8 @@ import jax
 import pytest
 
 from configs import common
-from lov_jax.distributed import mesh_from_config
+from lov_jax import sharding
+from lov_jax.sharding import make_mesh, mesh_from_config, parse_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,12 +67,12 @@ def test_processes_are_slices_where_devices_have_no_slice_index():
 
 def test_mesh_that_does_not_tile_the_devices_names_the_fields():
     with pytest.raises(ValueError, match=r"mesh\.data=1 x mesh\.fsdp=8 x mesh\.tensor=1 x "
-                       r"mesh\.dcn_data=2 = 16 devices, but the job has 8"):  # fmt: skip
+                       r"mesh\.dcn_data=2: .* needs 16 devices, have 8"):  # fmt: skip
         mesh_from_config({"fsdp": 8, "dcn_data": 2})
-    with pytest.raises(ValueError, match=r"mesh\.tensor=3 x mesh\.dcn_data=2: 8 devices are "
-                       "not a multiple of 6"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"mesh\.tensor=3 x mesh\.dcn_data=2: .*4 devices per "
+                       "slice .* not a multiple of 3"):  # fmt: skip
         mesh_from_config({"tensor": 3, "dcn_data": 2})
-    with pytest.raises(ValueError, match="at most one of data/fsdp/tensor -1"):
+    with pytest.raises(ValueError, match="sizes must be >= 1, one may be -1"):
         mesh_from_config({"data": -1, "fsdp": -1})
     with pytest.raises(ValueError, match="sizes must be >= 1"):
         mesh_from_config({"dcn_data": 0})
@@ -81,6 +83,61 @@ def test_mesh_that_does_not_tile_the_devices_names_the_fields():
     # The right count, but one process of one slice cannot be two slices.
     with pytest.raises(ValueError, match="cannot form dcn_data=2 slices"):
         mesh_from_config({"fsdp": 4, "dcn_data": 2})
+    with pytest.raises(ValueError, match="do not split into 3 slices"):
+        make_mesh(dcn_data=3)
+
+
+def test_mesh_flag_parser():
+    assert parse_mesh("fsdp=4,tensor=2") == {"fsdp": 4, "tensor": 2}
+    assert parse_mesh(" data = 2 , fsdp=-1,") == {"data": 2, "fsdp": -1}
+    assert parse_mesh("") == {}
+    for flag, why in [
+        ("pipeline=2", "'pipeline=2': expected AXIS=SIZE"),
+        ("fsdp", "'fsdp': expected AXIS=SIZE"),
+        ("fsdp=four", "'fsdp=four': 'four' is not an integer"),
+        ("tensor=2,tensor=4", "'tensor=4': tensor is given twice"),
+        ("1,-1,2", "'1': expected AXIS=SIZE"),  # the old positional syntax
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_mesh(flag)
+    with pytest.raises(ValueError, match="needs 6 devices, have 8"):
+        sharding.mesh_from_flag("fsdp=3,tensor=2")
+
+
+def test_every_command_builds_the_same_mesh():
+    import argparse
+
+    from lov_jax.convert import commands as convert_commands
+    from lov_jax.eval import commands as eval_commands
+    from lov_jax.inference import commands as generate_commands
+    from lov_jax.inference.commands import local_mesh
+    from lov_jax.plan import build_mesh, resolve_mesh
+    from lov_jax.plan import commands as plan_commands
+
+    flag = "fsdp=4,tensor=2"
+    want = make_mesh(1, 4, 2)
+    assert dict(want.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert local_mesh(flag) == want  # generate, eval
+    assert sharding.mesh_from_flag(flag) == want  # convert hf-to-orbax
+    assert mesh_from_config({"fsdp": 4, "tensor": 2}) == want  # train
+    shape = resolve_mesh(8, **plan_commands.mesh_sizes(flag))  # plan
+    assert build_mesh(jax.devices(), shape) == want
+    assert local_mesh(None) is None and sharding.mesh_from_flag("") is None
+    # One help text on every --mesh flag.
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    for module in (convert_commands, eval_commands, generate_commands, plan_commands):
+        module.add_commands(sub)
+    helps = [
+        a.help
+        for p in [
+            *sub.choices.values(),
+            *sub.choices["convert"]._subparsers._group_actions[0].choices.values(),
+        ]  # fmt: skip
+        for a in p._actions
+        if "--mesh" in a.option_strings
+    ]
+    assert len(helps) == 4 and all(h.startswith(sharding.MESH_HELP) for h in helps)
 
 
 def test_xpk_multi_slice_train_job_sets_dcn_data():

@@ -84,13 +84,13 @@ def _worker(workdir: str, task: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from train_utils import SyntheticBatches
 
-    from lov_jax import config
+    from lov_jax import config, sharding
     from lov_jax.train.loop import run_training
 
     assert jax.process_count() == (2 if multi else 1) and jax.device_count() == 8
     rank = jax.process_index()
     # Two "slices" (one per process: CPU devices have no slice_index) on the data axis.
-    mesh = distributed.mesh_from_config(_config(multi).mesh)
+    mesh = sharding.mesh_from_config(_config(multi).mesh)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     if multi:
         assert [{d.process_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
@@ -252,26 +252,6 @@ def test_maybe_initialize_is_a_no_op_for_one_process(monkeypatch):
     with pytest.raises(ValueError, match="needs coordinator"):
         distributed.maybe_initialize(num_processes=2)
     assert jax.process_count() == 1
-
-
-def test_mesh_for_topology_checks_the_device_count():
-    import jax
-
-    from lov_jax.distributed import mesh_for_topology
-
-    mesh = mesh_for_topology({"fsdp": -1, "tensor": 2})
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
-    mesh = mesh_for_topology({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices())
-    assert mesh.devices.size == 8
-    with pytest.raises(ValueError, match=r"needs 16 devices, have 8"):
-        mesh_for_topology({"fsdp": 4, "tensor": 2}, dcn_data=2)
-    with pytest.raises(ValueError, match="do not split into 3 slices"):
-        mesh_for_topology({"fsdp": -1}, dcn_data=3)
-    with pytest.raises(ValueError, match="unknown mesh axes"):
-        mesh_for_topology({"model": 8})
-    # One process of one slice cannot be split into two slices.
-    with pytest.raises(ValueError, match="cannot form dcn_data=2 slices"):
-        mesh_for_topology({"fsdp": -1}, dcn_data=2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from lov_jax import plan, plan_commands, plan_decode
+from lov_jax import plan, sharding
+from lov_jax.plan import commands, topology
 from lov_jax.train.config_loading import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,14 +61,15 @@ def test_bad_topology_names(name):
 def test_mesh_resolution_and_errors():
     assert plan.resolve_mesh(64, 1, -1, 4) == (1, 16, 4)
     assert plan.resolve_mesh(8, 2, 4, 1) == (2, 4, 1)
-    with pytest.raises(plan.PlanError, match="does not divide"):
+    assert plan.resolve_mesh(16, 2, -1, 2, num_slices=2) == (2, 4, 2)
+    with pytest.raises(plan.PlanError, match="8 devices per slice .* not a multiple of 3"):
         plan.resolve_mesh(8, 1, -1, 3)
-    with pytest.raises(plan.PlanError, match="topology has 8 chips"):
+    with pytest.raises(plan.PlanError, match="needs 4 devices, have 8"):
         plan.resolve_mesh(8, 1, 2, 2)
     with pytest.raises(plan.PlanError, match="slice count"):
         plan.resolve_mesh(16, 1, -1, 1, num_slices=2)
     # plan() checks the mesh before touching libtpu or the model.
-    with pytest.raises(plan.PlanError, match="does not divide"):
+    with pytest.raises(plan.PlanError, match="not a multiple of 3"):
         plan.plan(tiny_config(), "v5e-8", tensor=3)
 
 
@@ -81,36 +83,45 @@ def test_indivisible_shardings_are_named():
         plan.check_divisible(tree)
 
 
-def test_parse_mesh_flag():
-    assert plan_commands.parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
-    assert plan_commands.parse_mesh("tensor=2", data=2)["data"] == 2  # data = slice count
-    with pytest.raises(plan.PlanError):
-        plan_commands.parse_mesh("pipeline=2")
+def test_mesh_flag_is_global_with_data_over_slices():
+    assert commands.mesh_sizes("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
+    assert commands.mesh_sizes("tensor=2", num_slices=2)["data"] == 2  # data = slice count
+    assert commands.mesh_sizes("") == {"data": 1, "fsdp": -1, "tensor": 1}
+    with pytest.raises(plan.PlanError, match="'pipeline=2'"):
+        commands.mesh_sizes("pipeline=2")
+
+
+def test_plan_mesh_is_the_train_mesh():
+    # On stand-in devices: the planner lays the mesh out exactly as `lov-jax train` does.
+    shape = plan.resolve_mesh(8, **commands.mesh_sizes("tensor=2"))
+    assert shape == (1, 4, 2)
+    mesh = plan.build_mesh(jax.devices(), shape)
+    assert mesh == sharding.mesh_from_config({"fsdp": -1, "tensor": 2})
 
 
 def _run_cli(*flags: str) -> int:
     parser = argparse.ArgumentParser()
-    plan_commands.add_commands(parser.add_subparsers())
+    commands.add_commands(parser.add_subparsers())
     args = parser.parse_args(["plan", "--config", "configs/stage2_ov.py:tiny", *flags])
     args.overrides = []
     return args.func(args)
 
 
 def test_missing_libtpu_says_how_to_install(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "libtpu_available", lambda: False)
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
     assert _run_cli("--topology", "v5e-8") == 2
     assert "pip install -e .[tpu]" in capsys.readouterr().err
 
 
 def test_decode_plan_errors(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "libtpu_available", lambda: True)
+    monkeypatch.setattr(topology, "libtpu_available", lambda: True)
     assert _run_cli("--topology", "v5e-8", "--decode", "--cache-len", "256") == 2
     assert "--decode needs --batch and --cache-len" in capsys.readouterr().err
     # Checked before libtpu or the model are touched.
     with pytest.raises(plan.PlanError, match="multiple of data x fsdp = 4"):
-        plan_decode.plan_decode(tiny_config(), "v5e-8", tensor=2, batch=6, cache_len=256)
+        plan.plan_decode(tiny_config(), "v5e-8", tensor=2, batch=6, cache_len=256)
     with pytest.raises(plan.PlanError, match=r"tensor=4 must divide the query \(6\)"):
-        plan_decode.plan_decode(tiny_config(), "v5e-8", tensor=4, batch=2, cache_len=256)
+        plan.plan_decode(tiny_config(), "v5e-8", tensor=4, batch=2, cache_len=256)
 
 
 @needs_libtpu
@@ -159,7 +170,7 @@ def test_two_slices_put_data_over_dcn():
 def test_tiny_decode_step_compiles_for_v5e_4():
     # tiny computes in fp32: cache float32[L=2, B=4, C=256, K=2, Dh=8], rows over fsdp=2
     # and kv heads over tensor=2; params in bf16 (the serving dtype).
-    res = plan_decode.plan_decode(
+    res = plan.plan_decode(
         tiny_config(), "v5e-4", fsdp=2, tensor=2, batch=4, cache_len=256, new_tokens=64
     )
     assert res.mesh == (1, 2, 2)

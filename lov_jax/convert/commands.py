@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from lov_jax.sharding import MESH_HELP
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -47,7 +49,7 @@ def add_commands(subparsers) -> None:
     a.add_argument("--hf", required=True, help="HF dir (llava-hf, transformers 5, or lmms-lab)")
     a.add_argument("--out", required=True, help="new Orbax checkpoint directory")
     a.add_argument("--dtype", choices=_DTYPES, default=None, help="cast (default: keep)")
-    a.add_argument("--mesh", default=None, help="place/save sharded, e.g. fsdp=4,tensor=2")
+    a.add_argument("--mesh", default=None, help=f"{MESH_HELP}; params placed and saved sharded")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.set_defaults(func=_hf_to_orbax)

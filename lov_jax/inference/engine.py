@@ -21,21 +21,22 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from lov_jax import batch as batch_contract
 from lov_jax import sharding, visual_layout
 from lov_jax.config import ModelConfig
 from lov_jax.inference.sampling import sample_logits
+from lov_jax.models.kv_cache import CACHE_AXES, KVCache
 from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
-from lov_jax.models.qwen2 import CACHE_AXES, Qwen2Model
 
 MAX_STOP_IDS = 8  # stop ids travel as a traced int32[8] (padded with -1): no recompiles
 MIN_LENGTH_BUCKET = 64
 MIN_NEW_TOKENS_BUCKET = 16
+PREFILL_KEYS = ("tokens", "pixels", "vis_idx", "vis_w")  # of the batch contract; + mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +95,13 @@ def build_batch(
     batch_size: int,
     pad_id: int,
 ) -> dict[str, np.ndarray]:
-    """Left-padded prefill arrays (batch contract names + `mask`); extra rows are all padding."""
-    size = cfg.vision.image_size
-    zero_row = num_crops * cfg.vision.num_patches + 1
-    batch = {
-        "tokens": np.full((batch_size, length), pad_id, np.int32),
-        "mask": np.zeros((batch_size, length), np.int32),
-        "pixels": np.zeros((batch_size, num_crops, size, size, 3), np.uint8),
-        "vis_idx": np.full((batch_size, length, 4), zero_row, np.int32),
-        "vis_w": np.zeros((batch_size, length, 4), np.float32),
-    }
+    """Left-padded prefill arrays: the batch contract's tokens / pixels / vis_idx / vis_w /
+    positions (`lov_jax.batch`) plus `mask` int32[B, P] (1 on prompt tokens); extra rows
+    are all padding."""
+    batch = batch_contract.empty_batch(
+        batch_size, length, num_crops, cfg, pad_id=pad_id, keys=PREFILL_KEYS
+    )
+    batch["mask"] = np.zeros((batch_size, length), np.int32)
     for r, p in enumerate(prompts):
         n, c = len(p.tokens), len(p.crops)
         if n > length or c > num_crops:
@@ -148,18 +146,14 @@ class Generator:
         self.mesh, self.rules = mesh, tuple(rules)
         self.pad_id = cfg.ids.pad if pad_id is None else pad_id
         self.length_buckets, self.crop_buckets = length_buckets, crop_buckets
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.model = LlavaOnevision(cfg)
-        self.prefill_lm = Qwen2Model(cfg.text, dtype, pdtype, "none", cfg.attention_impl, "prefill")
-        self.decode_lm = Qwen2Model(cfg.text, dtype, pdtype, "none", "xla", "decode")
+        self.model = LlavaOnevision(cfg)  # one call: prefill and decode pass it a KVCache
         self.batch_multiple = 1
         if mesh is None:
             self.params = jax.tree.map(jnp.asarray, params)
             self._data_sharding = None
         else:
-            spec = sharding.logical_to_spec(("activation_batch",), self.rules)
-            self.batch_multiple = int(np.prod([mesh.shape[a] for a in _mesh_axes(spec[0])]))
-            self._data_sharding = NamedSharding(mesh, spec)
+            self.batch_multiple = sharding.batch_shards(mesh.shape, self.rules)
+            self._data_sharding = sharding.batch_sharding(mesh, self.rules)
             with self._context():
                 shardings = sharding.params_sharding(abstract_params(cfg), mesh, self.rules)
                 self.params = jax.device_put(params, shardings)
@@ -176,28 +170,85 @@ class Generator:
             stack.enter_context(sharding.activation_rules(self.rules))
         return stack
 
+    # ---- AOT seams (`lov-jax plan --decode`) -------------------------------------------
+
+    def abstract_cache(self, batch: int, cache_len: int, mesh: jax.sharding.Mesh | None = None):
+        """The decode loop's KV cache as ShapeDtypeStructs, sharded by the rules table on
+        `mesh` (default: this generator's): (k, v) dtype[L, B, C, K, Dh]."""
+        t = self.cfg.text
+        spec = self._spec_on(mesh or self.mesh)
+        shape = (t.num_layers, batch, cache_len, t.num_kv_heads, t.head_dim)
+        kv = jax.ShapeDtypeStruct(shape, jnp.dtype(self.cfg.dtype), sharding=spec(*CACHE_AXES))
+        return kv, kv
+
+    def lower_decode(
+        self,
+        params,
+        *,
+        batch: int,
+        cache_len: int,
+        new_tokens: int,
+        greedy: bool = True,
+        mesh: jax.sharding.Mesh | None = None,
+    ) -> jax.stages.Lowered:
+        """The jitted decode loop lowered for `batch` rows and `cache_len` cache slots, the
+        last `new_tokens` of them generated; nothing is allocated.
+
+        params: arrays or ShapeDtypeStructs (with shardings on `mesh`); every other input
+        is abstract, sharded by the rules table on `mesh` (default: this generator's).
+        """
+        mesh = mesh or self.mesh
+        spec, v = self._spec_on(mesh), self.cfg.text.vocab_size
+        rows, scalar = spec("activation_batch"), spec()
+        abstract = jax.ShapeDtypeStruct
+        args = (
+            abstract(
+                (batch, v), jnp.float32, sharding=spec("activation_batch", "activation_vocab")
+            ),
+            self.abstract_cache(batch, cache_len, mesh),
+            abstract((batch, cache_len), jnp.int32, sharding=rows),  # kv segment ids
+            abstract((batch,), jnp.int32, sharding=rows),  # next positions
+            abstract((), jax.eval_shape(jax.random.key, 0).dtype, sharding=scalar),
+            abstract((), jnp.float32, sharding=scalar),  # temperature
+            abstract((), jnp.int32, sharding=scalar),  # top_k
+            abstract((), jnp.float32, sharding=scalar),  # top_p
+            abstract((MAX_STOP_IDS,), jnp.int32, sharding=scalar),
+            abstract((), jnp.int32, sharding=scalar),  # max_new
+        )
+        with sharding.activation_rules(self.rules), jax.set_mesh(mesh):
+            return self._decode.lower(
+                params, *args, greedy=greedy, prompt_len=cache_len - new_tokens
+            )
+
+    def _spec_on(self, mesh):
+        def spec(*names):
+            return NamedSharding(mesh, sharding.logical_to_spec(names, self.rules))
+
+        return spec
+
     # ---- device functions ------------------------------------------------------------
 
     def _prefill_impl(self, params, batch, *, cache_len: int):
-        embeds = self.model.apply(
-            {"params": params}, batch["tokens"], batch["pixels"], batch["vis_idx"],
-            batch["vis_w"], method="embed_inputs",
-        )  # fmt: skip
-        lm = {"params": params["language_model"]}
-        hidden, (k, v) = self.prefill_lm.apply(
-            lm, embeds, batch["positions"], batch["mask"], method="forward_with_cache"
+        t = self.cfg.text
+        # Slots: the prompt's attention mask, then ones for the tokens decode will write.
+        slots = jnp.pad(
+            batch["mask"], ((0, 0), (0, cache_len - batch["mask"].shape[1])), constant_values=1
+        )
+        empty = KVCache.empty(
+            t.num_layers, slots, t.num_kv_heads, t.head_dim, jnp.dtype(self.cfg.dtype)
         )
         # Left padding: the last column holds every row's last prompt token.
-        logits = self.prefill_lm.apply(lm, hidden[:, -1:], method="logits")[:, 0]
-        pad = [(0, 0), (0, 0), (0, cache_len - k.shape[2]), (0, 0), (0, 0)]
-        cache = tuple(nn.with_logical_constraint(jnp.pad(t, pad), CACHE_AXES) for t in (k, v))
-        return logits, cache
+        logits, cache = self.model.apply(
+            {"params": params}, batch["tokens"], batch["positions"], batch["mask"],
+            batch["pixels"], batch["vis_idx"], batch["vis_w"], empty, output="last_logits",
+        )  # fmt: skip
+        return logits[:, 0], (cache.k, cache.v)
 
     def _decode_impl(
         self, params, logits0, cache, kv_segment_ids, next_pos, rng, temperature, top_k, top_p,
         stop_ids, max_new, *, greedy: bool, prompt_len: int,
     ):  # fmt: skip
-        lm = {"params": params["language_model"]}
+        variables = {"params": params}
         b, slots = logits0.shape[0], kv_segment_ids.shape[1] - prompt_len
         knobs = {"greedy": greedy, "temperature": temperature, "top_k": top_k, "top_p": top_p}
         rng, key = jax.random.split(rng)
@@ -205,6 +256,7 @@ class Generator:
         out = jnp.full((b, slots), self.pad_id, jnp.int32).at[:, 0].set(tok)
         done = jnp.isin(tok, stop_ids)
         ones = jnp.ones((b, 1), jnp.int32)
+        cache = KVCache(*cache, kv_segment_ids, jnp.int32(prompt_len))  # the prompt's slots
 
         def cond(state):
             i, _, done, _, _, _ = state
@@ -212,21 +264,17 @@ class Generator:
 
         def body(state):
             i, tok, done, out, cache, rng = state
-            embeds = self.decode_lm.apply(lm, tok[:, None], method="embed")
             positions = (next_pos + i - 1)[:, None]
-            hidden, cache = self.decode_lm.apply(
-                lm, embeds, positions, ones, cache, kv_segment_ids, prompt_len + i - 1,
-                method="forward_with_cache",
-            )  # fmt: skip
-            logits = self.decode_lm.apply(lm, hidden, method="logits")[:, 0]
+            logits, cache = self.model.apply(variables, tok[:, None], positions, ones, cache=cache)
             rng, key = jax.random.split(rng)
-            new = jnp.where(done, self.pad_id, sample_logits(logits, key, **knobs))
+            new = jnp.where(done, self.pad_id, sample_logits(logits[:, 0], key, **knobs))
             out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], i, axis=1)
             return i + 1, new, done | jnp.isin(new, stop_ids), out, cache, rng
 
         state = (jnp.int32(1), tok, done, out, cache, rng)
         steps, _, _, out, cache, _ = jax.lax.while_loop(cond, body, state)
-        return out, steps - 1, cache  # the cache is returned so its donated buffer is reused
+        # The cache is returned so its donated buffer is reused.
+        return out, steps - 1, (cache.k, cache.v)
 
     # ---- host API --------------------------------------------------------------------
 
@@ -296,9 +344,3 @@ class Generator:
         if self._data_sharding is None:
             return jax.tree.map(jnp.asarray, tree)
         return jax.device_put(tree, self._data_sharding)
-
-
-def _mesh_axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)

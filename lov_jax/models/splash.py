@@ -28,11 +28,15 @@ table: B over `activation_batch` (data x fsdp), N and K over `activation_heads`
 (tensor; both head counts must divide by it). T and S stay whole on every device.
 
 Off TPU the kernel runs in Pallas interpret mode (`interpret=True`), which is
-correct but slow; it is meant for tests, not for CPU or GPU training.
+correct but slow; it is meant for tests, not for CPU or GPU training. A program traced
+on a CPU host but compiled for TPU (`lov_jax.plan`) picks the TPU kernel with
+`with kernel_mode(interpret=False):`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -49,6 +53,20 @@ from lov_jax import sharding
 # sequence length must be a multiple of it.
 _LANES = 128
 _DEFAULT_BLOCK = 512
+# interpret mode for calls that pass interpret=None; None: interpret off TPU.
+_INTERPRET: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "splash_interpret", default=None
+)
+
+
+@contextlib.contextmanager
+def kernel_mode(*, interpret: bool | None):
+    """Calls traced inside (with `interpret=None`) run the kernel in this mode."""
+    token = _INTERPRET.set(interpret)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
 
 
 def _pick_block(length: int, target: int = _DEFAULT_BLOCK) -> int:
@@ -94,7 +112,8 @@ def splash_attention(
       q_segment_ids: int32[B, T] segment ids, 0 = padding; with kv_segment_ids or neither.
       kv_segment_ids: int32[B, S] segment ids.
       causal: mask keys after the query (key index <= query index, no offset).
-      interpret: run the Pallas kernel in interpret mode; default: off TPU only.
+      interpret: run the Pallas kernel in interpret mode; default: `kernel_mode`'s, else
+        off TPU only.
       block_sizes: kernel tiles; default `default_block_sizes(T, S)`.
 
     Under a mesh of more than one device the kernel runs in `jax.shard_map` (module
@@ -120,6 +139,8 @@ def splash_attention(
         )
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    if interpret is None:
+        interpret = _INTERPRET.get()
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     if block_sizes is None:

@@ -8,14 +8,14 @@ DeepSpeed), which over-weights tokens of short samples. With packing, rows
 hold unequal numbers of trained tokens, so the global token mean is the one
 that stays invariant to the packing and the mesh.
 
-Batch layout seen by the step: every array gets a leading micro-batch axis A
-(`optim.grad_accum`): tokens int32[A, B, L], pixels uint8[A, B, N, S, S, 3], ...
+Batch layout seen by the step: the batch contract (`lov_jax.batch`) with a leading
+micro-batch axis A (`optim.grad_accum`): tokens int32[A, B, L], pixels
+uint8[A, B, N, S, S, 3], ...; rows placed by `sharding.batch_sharding`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -24,15 +24,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lov_jax import batch as batch_contract
 from lov_jax import sharding
 from lov_jax.config import ModelConfig
 from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
 from lov_jax.models.loss import chunked_cross_entropy, gather_trained_positions
 from lov_jax.train import optimizer
-
-BATCH_KEYS = (
-    "tokens", "targets", "loss_mask", "segment_ids", "positions", "pixels", "vis_idx", "vis_w",
-)  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -48,9 +45,9 @@ def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float, loss_to
     `loss_tokens > 0`: the vocab projection runs only on the first that many trained
     positions of each row (the loop guarantees no row has more).
     """
-    hidden = module.hidden_states(
+    hidden = module(
         batch["tokens"], batch["positions"], batch["segment_ids"],
-        batch.get("pixels"), batch.get("vis_idx"), batch.get("vis_w"),
+        batch.get("pixels"), batch.get("vis_idx"), batch.get("vis_w"), output="hidden",
     )  # fmt: skip
     targets, mask = batch["targets"], batch["loss_mask"]
     if loss_tokens:
@@ -81,7 +78,7 @@ class Trainer:
             params=sharding.params_sharding(boxed, mesh),
             opt_state=sharding.params_sharding(abstract_opt, mesh),
         )
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+        self.batch_sharding = sharding.batch_sharding(mesh, micro_batched=True)
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.state_sharding, self.batch_sharding),
@@ -120,12 +117,26 @@ class Trainer:
             self.state_sharding,
         )
 
+    def abstract_batch(self, rows: int, length: int, crops: int, micro_batches: int) -> dict:
+        """ShapeDtypeStructs of a step's batch [A, B, ...] (`lov_jax.batch`), sharded."""
+        return batch_contract.abstract_batch(
+            rows, length, crops, self.cfg, micro_batches=micro_batches,
+            sharding=self.batch_sharding,
+        )  # fmt: skip
+
     # ---- step --------------------------------------------------------------------
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer step over a host batch with leading micro-batch axis A."""
         with self._context():
             return self._step(state, batch)
+
+    def lower(self, state: TrainState, batch: dict) -> jax.stages.Lowered:
+        """The jitted step lowered for `state` / `batch` (arrays or ShapeDtypeStructs, e.g.
+        `abstract_state()` / `abstract_batch()`): what the planner and benchmarks compile.
+        """
+        with self._context():
+            return self._step.lower(state, batch)
 
     @contextlib.contextmanager
     def _context(self):
@@ -195,6 +206,3 @@ def _unbox(tree):
     import flax.linen as nn
 
     return nn.meta.unbox(tree)
-
-
-StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]

@@ -1,9 +1,10 @@
 """Decode-step plan: AOT-compile the KV-cache decode of `lov-jax generate`/eval for a TPU.
 
-The compiled function is `Generator._decode` (`lov_jax.inference.engine`), the jitted
-`while_loop` whose body is one token step of the whole batch, lowered with abstract
-params and cache (`jax.ShapeDtypeStruct` + shardings of the rules table) on a mesh of
-the topology's devices. Its memory analysis gives the exact per-chip HBM:
+The compiled function is the Generator's jitted decode loop (`lov_jax.inference.engine`,
+`Generator.lower_decode`), the `while_loop` whose body is one token step of the whole
+batch, lowered with abstract params and cache (`jax.ShapeDtypeStruct` + shardings of the
+rules table) on a mesh of the topology's devices. Its memory analysis gives the exact
+per-chip HBM:
 
     params   dtype[...]                      every weight, vision tower included
     cache    (k, v) dtype[L, B, C, K, Dh]    B over data x fsdp, K over tensor
@@ -16,7 +17,7 @@ cache shard (the XLA decode attention reads all C slots, masked); the estimate i
     step time = max(bytes read per chip / HBM bandwidth, FLOPs / (chips * peak bf16))
     tokens/s  = B / step time
 
-with the chips' HBM bandwidths from `plan.CHIPS` (Cloud TPU docs: v4 1200, v5e 819,
+with the chips' HBM bandwidths from `plan.topology.CHIPS` (Cloud TPU docs: v4 1200, v5e 819,
 v5p 2765, v6e 1638 GB/s). FLOPs per step: 2 * LM params * B plus the attention,
 4 * B * C * N * Dh per layer. With fsdp > 1 the weights are sharded over fsdp too; the
 estimate assumes each chip reads only its shard (XLA may instead all-gather them over
@@ -27,25 +28,20 @@ counts the loop body and the layer scan inside it once.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 
-from lov_jax.plan import (
-    GIB,
+from lov_jax.plan.compile import (
     CompiledMemory,
-    PlanError,
-    Topology,
     build_mesh,
     cfg_from_config,
     check_divisible,
+    compile_for_tpu,
     format_seconds,
     mesh_text,
-    out_of_memory,
-    parse_topology,
     resolve_mesh,
-    topology_devices,
 )
+from lov_jax.plan.topology import GIB, PlanError, Topology, parse_topology, topology_devices
 
 
 @dataclasses.dataclass
@@ -149,18 +145,15 @@ def plan_decode(
     """AOT-compile the generation decode step for a TPU topology; see the module doc."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from lov_jax import sharding
-    from lov_jax.inference.engine import MAX_STOP_IDS, Generator
+    from lov_jax.inference.engine import Generator
     from lov_jax.models.llava_onevision import abstract_params
-    from lov_jax.models.qwen2 import CACHE_AXES
     from lov_jax.train import metrics
 
     topo = topology if isinstance(topology, Topology) else parse_topology(topology, num_slices)
     shape = resolve_mesh(topo.num_chips, data, fsdp, tensor, topo.num_slices)
-    rows = shape[0] * shape[1]
+    rows = sharding.batch_shards(dict(zip(sharding.MESH_AXES, shape, strict=True)))
     if batch < 1 or batch % rows:
         raise PlanError(f"batch {batch} must be a positive multiple of data x fsdp = {rows}")
     if not 0 < new_tokens < cache_len:
@@ -185,43 +178,13 @@ def plan_decode(
         _unbox(boxed),
         sharding.params_sharding(boxed, mesh, gen.rules),
     )
-
-    def spec(*names):
-        return NamedSharding(mesh, sharding.logical_to_spec(names, gen.rules))
-
-    replicated = NamedSharding(mesh, P())
-    cdtype = jnp.dtype(cfg.dtype)
-    cache_shape = (t.num_layers, batch, cache_len, t.num_kv_heads, t.head_dim)
-    kv = jax.ShapeDtypeStruct(cache_shape, cdtype, sharding=spec(*CACHE_AXES))
-    args = (
-        params,
-        jax.ShapeDtypeStruct(
-            (batch, t.vocab_size),
-            jnp.float32,
-            sharding=spec("activation_batch", "activation_vocab"),
-        ),
-        (kv, kv),
-        jax.ShapeDtypeStruct((batch, cache_len), jnp.int32, sharding=spec("activation_batch")),
-        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=spec("activation_batch")),
-        jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated),
-        jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),  # temperature
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),  # top_k
-        jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),  # top_p
-        jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=replicated),
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),  # max_new
-    )
-    check_divisible(args)
-    start = time.perf_counter()
-    try:
-        with sharding.activation_rules(gen.rules), jax.set_mesh(mesh):
-            compiled = gen._decode.lower(
-                *args, greedy=True, prompt_len=cache_len - new_tokens
-            ).compile()
-    except Exception as err:
-        if (oom := out_of_memory(err, "decode step")) is not None:
-            raise oom from err
-        raise
-    compile_s = time.perf_counter() - start
+    cache = gen.abstract_cache(batch, cache_len, mesh)
+    check_divisible((params, cache))
+    compiled, _, compile_s = compile_for_tpu(
+        lambda: gen.lower_decode(params, batch=batch, cache_len=cache_len,
+                                 new_tokens=new_tokens, mesh=mesh),
+        "decode step",
+    )  # fmt: skip
     mem = compiled.memory_analysis()
 
     lm = params["language_model"]
@@ -237,13 +200,13 @@ def plan_decode(
         cache_len=cache_len,
         new_tokens=new_tokens,
         param_dtype=pdtype.name,
-        cache_dtype=cdtype.name,
+        cache_dtype=jnp.dtype(cfg.dtype).name,
         params_bytes=sum(_shard_bytes(x) for x in jax.tree.leaves(params)),
         lm_read_bytes=sum(_shard_bytes(x) for x in jax.tree.leaves(lm_read)),
         lm_gathered_bytes=sum(
             _shard_bytes(x, ignore=("data", "fsdp")) for x in jax.tree.leaves(lm_read)
         ),
-        cache_bytes=2 * _shard_bytes(kv),
+        cache_bytes=sum(_shard_bytes(x) for x in jax.tree.leaves(cache)),
         argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes),

@@ -2,8 +2,8 @@
 
 AOT-compiles the real train step for a TPU topology on this (CPU) host and prints
 per-chip HBM, compiled vs analytical FLOPs and a step-time estimate; see
-`lov_jax.plan`. `--decode --batch B --cache-len C` plans the generation decode step
-instead (`lov_jax.plan_decode`). `--num-slices S` puts S slices on the data axis (DCN).
+`lov_jax.plan.train`. `--decode --batch B --cache-len C` plans the generation decode step
+instead (`lov_jax.plan.decode`). `--num-slices S` puts S slices on the data axis (DCN).
 Needs libtpu (`pip install -e .[tpu]`), not TPU hardware.
 """
 
@@ -12,24 +12,20 @@ from __future__ import annotations
 import functools
 import sys
 
+from lov_jax.plan import topology
+from lov_jax.plan.topology import DoesNotFit, PlanError
+from lov_jax.sharding import MESH_HELP
 
-def parse_mesh(text: str, data: int = 1) -> dict[str, int]:
-    """'data=1,fsdp=-1,tensor=1' (any subset) -> {'data': 1, 'fsdp': -1, 'tensor': 1}.
 
-    Axes not given: data = `data` (the slice count), fsdp = -1, tensor = 1.
-    """
-    from lov_jax.plan import PlanError
+def mesh_sizes(flag: str, num_slices: int = 1) -> dict[str, int]:
+    """The `--mesh` flag (`sharding.parse_mesh`) as global sizes; data defaults to the
+    slice count, fsdp to the remaining chips, tensor to 1."""
+    from lov_jax import sharding
 
-    mesh = {"data": data, "fsdp": -1, "tensor": 1}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in mesh:
-            raise PlanError(f"bad --mesh item {item!r}: expected data=N, fsdp=N or tensor=N")
-        try:
-            mesh[key] = int(value)
-        except ValueError as err:
-            raise PlanError(f"bad --mesh value {item!r}: not an integer") from err
-    return mesh
+    try:
+        return {"data": num_slices, "fsdp": -1, "tensor": 1, **sharding.parse_mesh(flag)}
+    except ValueError as err:
+        raise PlanError(str(err)) from None
 
 
 def _plan(args) -> int:
@@ -45,10 +41,10 @@ def _plan(args) -> int:
     from lov_jax.train.config_loading import apply_overrides, load_config
 
     try:
-        if not plan.libtpu_available():
-            raise plan.PlanError(plan.INSTALL_HINT)
+        if not topology.libtpu_available():
+            raise PlanError(topology.INSTALL_HINT)
         config = apply_overrides(load_config(args.config), args.overrides)
-        mesh = parse_mesh(args.mesh, data=args.num_slices)
+        mesh = mesh_sizes(args.mesh, args.num_slices)
         if args.decode:
             return _decode(config, args, mesh)
         common = dict(
@@ -89,10 +85,10 @@ def _plan(args) -> int:
             config, args.topology, **mesh, remat=args.remat,
             rows_per_device=args.rows_per_device, num_slices=args.num_slices, **common,
         )  # fmt: skip
-    except plan.DoesNotFit as err:
+    except DoesNotFit as err:
         print(f"lov-jax plan: DOES NOT FIT: {err}", file=sys.stderr)
         return 1
-    except plan.PlanError as err:
+    except PlanError as err:
         print(f"lov-jax plan: {err}", file=sys.stderr)
         return 2
     print("\n".join(result.lines()))
@@ -100,13 +96,12 @@ def _plan(args) -> int:
 
 
 def _decode(config, args, mesh: dict[str, int]) -> int:
-    from lov_jax import plan
-    from lov_jax.plan_decode import plan_decode
+    from lov_jax.plan.decode import plan_decode
 
     if args.batch is None or args.cache_len is None:
-        raise plan.PlanError("--decode needs --batch and --cache-len")
+        raise PlanError("--decode needs --batch and --cache-len")
     if args.search:
-        raise plan.PlanError("--search plans the train step; pass --mesh with --decode")
+        raise PlanError("--search plans the train step; pass --mesh with --decode")
     result = plan_decode(
         config, args.topology, batch=args.batch, cache_len=args.cache_len,
         new_tokens=args.new_tokens, param_dtype=args.param_dtype, num_slices=args.num_slices,
@@ -132,10 +127,8 @@ def add_commands(sub) -> None:
     p.add_argument("--topology", required=True, help="e.g. v5p-512, v5e-16, v6e-256, v4-128")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: data axis over DCN")
     p.add_argument(
-        "--mesh", default="fsdp=-1",
-        help="data=N,fsdp=N,tensor=N (global sizes; one may be -1; data defaults to the "
-        "slice count, tensor to 1)",
-    )  # fmt: skip
+        "--mesh", default="", help=f"{MESH_HELP}; global sizes, data defaults to --num-slices"
+    )
     p.add_argument(
         "--remat", default=None, help="remat policy (default: the config's model.remat_policy)"
     )

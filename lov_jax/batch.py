@@ -1,0 +1,137 @@
+"""The packed batch contract (DESIGN.md 2): keys, dtypes, shapes and feature-bank rows.
+
+Every training / eval batch is a dict of fixed-shape arrays, per row b of B:
+
+    tokens       int32[B, L]             ids, placeholders already expanded (pad id after)
+    targets      int32[B, L]             next-token targets, shifted inside each sample
+    loss_mask    float32[B, L]           1 where the target is trained
+    segment_ids  int32[B, L]             1..S per packed sample, 0 = padding
+    positions    int32[B, L]             RoPE positions, restart at 0 per segment
+    pixels       uint8[B, N, S, S, C]    crops / frames, zero padded (S = image_size)
+    vis_idx      int32[B, L, 4]          taps into the row's feature bank
+    vis_w        float32[B, L, 4]        tap weights, 0 on text tokens
+
+The train step sees the same arrays with a leading micro-batch axis A ([A, B, ...]).
+
+Feature bank of a row with N crop slots and P patches per crop (`models.llava_onevision`
+builds it, `visual_layout` indexes it):
+
+    rows [c*P, (c+1)*P)   projected patches of crop slot c
+    row  newline_row(N, P) = N*P       image_newline
+    row  zero_row(N, P)    = N*P + 1   zeros: what text and padding positions tap
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lov_jax.config import ModelConfig
+
+TAPS = 4  # bank rows one visual token combines (bilinear: 4 neighbours)
+
+# key -> (dtype, dims); dims name the sizes of `shapes()`.
+FIELDS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "tokens": (np.int32, ("B", "L")),
+    "targets": (np.int32, ("B", "L")),
+    "loss_mask": (np.float32, ("B", "L")),
+    "segment_ids": (np.int32, ("B", "L")),
+    "positions": (np.int32, ("B", "L")),
+    "pixels": (np.uint8, ("B", "N", "S", "S", "C")),
+    "vis_idx": (np.int32, ("B", "L", "T")),
+    "vis_w": (np.float32, ("B", "L", "T")),
+}
+KEYS = tuple(FIELDS)
+
+
+def newline_row(num_crops: int, num_patches: int) -> int:
+    """Bank row of `image_newline` in a row of `num_crops` crop slots."""
+    return num_crops * num_patches
+
+
+def zero_row(num_crops: int, num_patches: int) -> int:
+    """Bank row of zeros: the tap of every text and padding position."""
+    return num_crops * num_patches + 1
+
+
+def bank_rows(num_crops: int, num_patches: int) -> int:
+    """Rows of a row's feature bank: the crops' patches, the newline, the zero row."""
+    return num_crops * num_patches + 2
+
+
+def shapes(
+    rows: int, length: int, crops: int, cfg: ModelConfig, keys: Sequence[str] = KEYS
+) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a batch of `rows` rows with L = `length` tokens, N = `crops` slots."""
+    size = cfg.vision.image_size
+    dims = {"B": rows, "L": length, "N": crops, "S": size, "C": cfg.vision.num_channels}
+    dims["T"] = TAPS
+    return {k: tuple(dims[d] for d in FIELDS[k][1]) for k in keys}
+
+
+def empty_batch(
+    rows: int,
+    length: int,
+    crops: int,
+    cfg: ModelConfig,
+    *,
+    pad_id: int,
+    keys: Sequence[str] = KEYS,
+) -> dict[str, np.ndarray]:
+    """All-padding numpy batch: `pad_id` tokens, zeros, taps on the zero row (weight 0)."""
+    fill = {"tokens": pad_id, "vis_idx": zero_row(crops, cfg.vision.num_patches)}
+    return {
+        k: np.full(shape, fill.get(k, 0), FIELDS[k][0])
+        for k, shape in shapes(rows, length, crops, cfg, keys).items()
+    }
+
+
+def abstract_batch(
+    rows: int,
+    length: int,
+    crops: int,
+    cfg: ModelConfig,
+    *,
+    micro_batches: int | None = None,
+    sharding=None,
+    keys: Sequence[str] = KEYS,
+) -> dict:
+    """`jax.ShapeDtypeStruct`s of a batch (nothing allocated): what a step is lowered for.
+
+    `micro_batches` A adds the train step's leading axis; `sharding` is set on every key
+    (`sharding.batch_sharding`).
+    """
+    import jax
+
+    lead = () if micro_batches is None else (micro_batches,)
+    return {
+        k: jax.ShapeDtypeStruct(lead + shape, FIELDS[k][0], sharding=sharding)
+        for k, shape in shapes(rows, length, crops, cfg, keys).items()
+    }
+
+
+def check_batch(batch: dict, cfg: ModelConfig, *, micro_batched: bool = False) -> None:
+    """A ValueError listing every way `batch` departs from the contract (keys, dtypes,
+    shapes, taps inside the bank); B, L and N are read from `tokens` and `pixels`."""
+    problems = []
+    if set(batch) != set(KEYS):
+        problems.append(f"keys {sorted(batch)} != {sorted(KEYS)}")
+    lead = 1 if micro_batched else 0
+    if "tokens" in batch and "pixels" in batch:
+        rows, length = batch["tokens"].shape[lead : lead + 2]
+        crops = batch["pixels"].shape[lead + 1]
+        want = shapes(rows, length, crops, cfg, [k for k in KEYS if k in batch])
+        for k, shape in want.items():
+            got = batch[k]
+            if tuple(got.shape[lead:]) != shape:
+                problems.append(f"{k}: shape {tuple(got.shape)}, expected [..]{shape}")
+            if np.dtype(got.dtype) != np.dtype(FIELDS[k][0]):
+                problems.append(f"{k}: dtype {got.dtype}, expected {np.dtype(FIELDS[k][0])}")
+        if "vis_idx" in batch:
+            idx = np.asarray(batch["vis_idx"])
+            top = bank_rows(crops, cfg.vision.num_patches)
+            if idx.size and (idx.min() < 0 or idx.max() >= top):
+                problems.append(f"vis_idx: taps outside the bank rows [0, {top})")
+    if problems:
+        raise ValueError("batch does not follow lov_jax.batch: " + "; ".join(problems))

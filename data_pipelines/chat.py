@@ -10,11 +10,12 @@ checkpoint's own jinja when it has one (data_pipelines/chat_template.py).
   chatml_direct     preprocess_mpt    <|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n
                                       [{a}<|im_end|>]            (no "\\n" between turns)
   vicuna_v1         preprocess_v1     <s>{system} USER: {q} ASSISTANT: [{a}</s>]
+                                      (the system prompt before the first round only)
   llava_llama_3     preprocess_llama3 <|begin_of_text|><|start_header_id|>user<|end_header_id|>
                                       \\n\\n{q}<|eot_id|><|start_header_id|>assistant
                                       <|end_header_id|>\\n\\n[{a}<|eot_id|>]   (q, a stripped)
   mistral_instruct  preprocess_llama_2 <s>[INST] {q} [/INST] [{a} </s>]
-  plain             preprocess_plain  [<image>]{caption}\\n: all but the placeholder trained
+  plain             preprocess_plain  <image>[{caption}\\n]   (the user turn is dropped)
 
 Two steps, kept apart so that placeholder expansion can sit between them:
 
@@ -389,12 +390,10 @@ def tokenize_conversation(
     labelled = (ANSWER, HEADER, TAIL) if whole else (ANSWER,)
     # chars[c] = 1 where character c belongs to a trained piece; a token is a label when
     # its characters overlap one (counted with a prefix sum over its offsets).
-    chars = np.concatenate(
-        [np.full(len(text), kind in labelled, np.int64) for text, kind in pieces] + [[]]
-    ).astype(np.int64)
+    chars = np.repeat([kind in labelled for _, kind in pieces], [len(x) for x, _ in pieces])
     enc = tokenizer.encode("".join(text for text, _ in pieces), add_special_tokens=False)
     ids = np.asarray(enc.ids, np.int32)
-    cum = np.concatenate([[0], np.cumsum(chars)])
+    cum = np.concatenate([[0], np.cumsum(chars, dtype=np.int64)])
     offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
     trained = cum[offsets[:, 1]] > cum[offsets[:, 0]]
     if options.loss_mask == "llava_next" and t.unmask:

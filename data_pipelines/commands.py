@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from pathlib import Path
 
 
 def _data_subparsers(subparsers) -> argparse._SubParsersAction:
@@ -75,6 +76,10 @@ def _stats(args) -> int:
         seed=args.seed, window=args.window, num_workers=args.workers,
     )  # fmt: skip
     if args.synthetic is not None:
+        from data_pipelines.tokenizer import build_qwen2_tokenizer, qwen2_token_ids
+
+        # the synthetic mix stands for OneVision data on the Qwen-2 vocabulary
+        cfg = cfg.replace(token_ids=qwen2_token_ids(build_qwen2_tokenizer()))
         records, process = stats.synthetic_loader_inputs(
             args.synthetic, cfg, args.seed, args.pixels
         )
@@ -84,12 +89,16 @@ def _stats(args) -> int:
         from data_pipelines import records as rec
         from data_pipelines import sources
         from data_pipelines.tokenizer import load_tokenizer
+        from lov_jax.token_ids import read_token_ids
 
+        tok = load_tokenizer(args.tokenizer)
+        tok_dir = (
+            Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
+        )
+        cfg = cfg.replace(token_ids=read_token_ids(tok_dir, tokenizer=tok))
         records = sources.open_source(args.data, args.image_folder, args.video_folder, args.seed)
         options = rec.RecordOptions(max_tokens=args.max_tokens, max_crops=args.max_crops)
-        process = functools.partial(
-            rec.process_record, cfg=cfg, tokenizer=load_tokenizer(args.tokenizer), options=options
-        )
+        process = functools.partial(rec.process_record, cfg=cfg, tokenizer=tok, options=options)
     it = loader.make_loader(records, process, cfg, lc, process_index=0, process_count=1)
     try:
         report = stats.run_stats(it, args.batches, cores=args.workers + 1 if args.workers else 1)

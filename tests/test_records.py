@@ -266,3 +266,22 @@ def test_array_record_samples_identical(data, tok, cfg, tmp_path):
         assert a.id == b.id and a.items == b.items
         for f in ("tokens", "targets", "loss_mask", "crops"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_data_stats_command_counts_skip_reasons(data, tok, tmp_path, capsys):
+    """`lov-jax data stats` on the bad-record json: every reason on its own line."""
+    from data_pipelines.sources import SOURCE_KEY
+    from data_pipelines.tokenizer import save_hf_tokenizer_files
+    from lov_jax import cli
+
+    recs, _ = data
+    path = Path(recs["single"][SOURCE_KEY])
+    save_hf_tokenizer_files(tmp_path, tok)
+    argv = ["data", "stats", str(path), "--image-folder", str(path.parent / "images"),
+            "--video-folder", str(path.parent / "videos"), "--tokenizer", str(tmp_path),
+            "--preset", "tiny", "-L", "8192", "-N", "12"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {len(BAD)}" in out
+    for reason in set(BAD.values()):
+        assert f"  {reason}: {list(BAD.values()).count(reason)}" in out, out

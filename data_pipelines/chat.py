@@ -1,4 +1,4 @@
-"""Conversation templates by name, tokenisation and loss masks (REFERENCE.md 7).
+"""Conversation templates by name, tokenisation and loss masks (docs/reference.md 7).
 
 Training renders LLaVA-NeXT's conversation formats (llava/conversation.py `conv_templates`,
 masked as llava/train/train.py `preprocess_*` does) by name; inference renders the

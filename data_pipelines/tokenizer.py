@@ -55,7 +55,7 @@ QWEN_PAT_STR = (
 # llava-hf's chat template (hub chat_template.json of the OneVision -hf checkpoints):
 # per message `<|im_start|>{role}\n`, all images as `<image>\n`, then all videos as
 # `<video>\n`, then the text items; assistant text inside `{% generation %}`. No default
-# system turn (REFERENCE.md 7.1).
+# system turn (docs/reference.md 7.1).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"

@@ -14,7 +14,8 @@ for checkpoints whose processor has none):
 without transformers: the same sandboxed environment (trim_blocks, lstrip_blocks,
 loopcontrols, `tojson` without HTML escaping, `raise_exception`, `strftime_now`, `dict`,
 a namespace that refuses underscore names) and message keys whose value is None dropped.
-`{% generation %}` renders its body unchanged (HF only records where it was).
+`{% generation %}` renders its body unchanged (HF only records where it was). Messages
+and variables reach the template as plain JSON-like data, as in HF.
 `template_special_tokens(ckpt_dir)` is what HF passes beside the messages: the
 tokenizer's named special tokens (`special_tokens_map`: bos/eos/unk/sep/pad/cls/mask
 and `extra_special_tokens` such as `image_token`).
@@ -37,6 +38,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from data_pipelines import chat
@@ -208,6 +210,29 @@ def compile_chat_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def _plain(value: Any) -> Any:
+    """HF's `_plain_template_data`: the template sees JSON-like data only; any other object
+    (a decoded image, an array) becomes an inert "<TypeName>" string, so the sandbox never
+    holds an object whose public methods could write files."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    return f"<{type(value).__name__}>"
+
+
 def render_chat_template(
     template: str,
     messages: Sequence[Mapping[str, Any]],
@@ -229,7 +254,7 @@ def render_chat_template(
     kwargs.setdefault("tools", None)
     kwargs.setdefault("documents", None)
     return compile_chat_template(template).render(
-        messages=msgs, add_generation_prompt=add_generation_prompt, **kwargs
+        messages=_plain(msgs), add_generation_prompt=add_generation_prompt, **_plain(kwargs)
     )
 
 

@@ -217,6 +217,22 @@ def test_raise_exception_and_sandbox(vicuna):
         render_chat_template("{% set ns = namespace(_x=1) %}", msg)
 
 
+def test_template_sees_plain_data_only(qwen):
+    """Objects in messages reach the template as "<TypeName>" (HF `_plain_template_data`)."""
+    from PIL import Image
+
+    hf_tok = qwen[1]
+    template = ("{% for c in messages[0]['content'] %}{{ c['image'] }}|{{ c['n'] + 1 }}|"
+                "{{ c['t'] }}{% endfor %}{{ extra }}")  # fmt: skip
+    image = {"type": "image", "image": Image.new("RGB", (2, 2)), "n": np.int64(3), "t": (1, 2)}
+    msgs = [{"role": "user", "content": [image]}]
+    ours = render_chat_template(template, msgs, extra=np.float32(0.5))
+    assert ours == "<Image>|4|(1, 2)0.5"
+    assert ours == hf_tok.apply_chat_template(
+        msgs, chat_template=template, tokenize=False, extra=np.float32(0.5)
+    )
+
+
 # ---- where the template lives ------------------------------------------------------------
 
 

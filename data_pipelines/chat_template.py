@@ -115,11 +115,15 @@ def load_chat_template(ckpt_dir: str | os.PathLike) -> str | None:
 def template_special_tokens(ckpt_dir: str | os.PathLike) -> dict[str, str]:
     """{bos_token: "<s>", ...}: the named special tokens of tokenizer_config.json (values
     are strings or AddedToken dicts) and its `extra_special_tokens`, as HF's
-    `special_tokens_map` hands them to the template."""
+    `special_tokens_map` hands them to the template. A legacy config without
+    `added_tokens_decoder` takes special_tokens_map.json's entries over its own (as HF)."""
     path = Path(ckpt_dir) / "tokenizer_config.json"
     if not path.is_file():
         return {}
     cfg = _read_json(path)
+    legacy = path.with_name("special_tokens_map.json")
+    if "added_tokens_decoder" not in cfg and legacy.is_file():
+        path, cfg = legacy, {**cfg, **_read_json(legacy)}
 
     def text(value: Any, field: str) -> str:
         if isinstance(value, dict) and isinstance(value.get("content"), str):

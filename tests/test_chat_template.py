@@ -197,6 +197,21 @@ def test_bos_eos_templates_match_hf(request, fixture, template):
     assert chat.encode(tok, ours) == list(ids)
 
 
+def test_legacy_special_tokens_map(tmp_path, vicuna):
+    tok = vicuna[0]
+    save_tokenizer(tmp_path, tok, None, bos_token="<s>", eos_token="<unk>")
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": {"content": "</s>", "lstrip": False, "normalized": False,
+                                  "rstrip": False, "single_word": False}})
+    )  # fmt: skip
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = template_special_tokens(tmp_path)
+    assert ours["eos_token"] == "</s>" and ours["bos_token"] == "<s>"
+    assert {k: v for k, v in ours.items() if k in hf_tok.special_tokens_map} == (
+        hf_tok.special_tokens_map
+    )
+
+
 def test_raise_exception_and_sandbox(vicuna):
     _, hf_tok, out = vicuna
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]

@@ -88,9 +88,10 @@ def test_round_trip_bit_exact(tiny, tmp_path, layout, variant, dtype):
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg == {**cfg.to_hf_config(), "dtype": dtype}
     assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    ids = cfg.ids  # the source checkpoint's own (a 1024-entry ChatML BPE: two stop ids)
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
+        "eos_token_id": list(ids.eos),
+        "pad_token_id": ids.pad,
     }
 
 
@@ -137,7 +138,7 @@ def test_export_loads_in_transformers_with_equal_logits(full_vocab, variant):
     model.eval()
     cfg, _ = load_hf_checkpoint(out)
     sample = single_image_sample(384, 384, cfg)  # 1 crop -> 1485 image tokens
-    assert int((sample.tokens == cfg.image_token_id).sum()) == 1485
+    assert int((sample.tokens == cfg.ids.image).sum()) == 1485
     np.testing.assert_array_equal(_logits(model, sample), _logits(ref, sample))
     head, embed = model.lm_head.weight, model.get_input_embeddings().weight
     tied = head.data_ptr() == embed.data_ptr()
@@ -207,7 +208,8 @@ def test_cli_training_run_to_hf(tiny, tmp_path, capsys):
     p2 = jax.tree.map(lambda x: (x * 2).astype(np.float32), params)
     _manager_run(tmp_path / "work" / "checkpoints", {1: params, 2: p2}, cfg)
     (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the checkpoint's own
+        shutil.copy(tiny["untied"] / name, tmp_path / "tok" / name)
 
     args = ["convert", "orbax-to-hf", "--no-progress", "--max-shard-size", "200KB"]
     assert main([*args, "--ckpt", str(tmp_path / "work"), "--out", str(tmp_path / "latest")]) == 0

@@ -358,7 +358,11 @@ def render_generation_prompt(turns: Sequence[tuple[str, str]], template: str) ->
         system, turns = turns[0][1], turns[1:]
     if not turns or turns[-1][0] != "user":
         raise ValueError("a generation prompt needs a conversation ending with a user turn")
-    return "".join(text for text, _ in render_pieces(turns, template, system, generation=True))
+    try:
+        pieces = render_pieces(turns, template, system, generation=True)
+    except BadSample as err:  # a caller's conversation, not a training record
+        raise ValueError(str(err)) from err
+    return "".join(text for text, _ in pieces)
 
 
 # ---- tokenisation ----------------------------------------------------------------------

@@ -325,5 +325,7 @@ def test_template_names_aliases_and_system_defaults():
     assert chat.ChatOptions(system_prompt="").system_prompt is None
     with pytest.raises(ValueError, match="not in"):
         chat.ChatOptions(template="llama_9")
+    with pytest.raises(ValueError, match="user/assistant turns in turn"):
+        chat.render_generation_prompt([("user", "a"), ("user", "b")], "mistral_instruct")
     with pytest.raises(BadSample, match="user/assistant turns in turn"):
         chat.render_pieces([("user", "a"), ("user", "b")], "vicuna_v1", None, generation=False)

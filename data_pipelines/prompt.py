@@ -1,4 +1,4 @@
-"""Prompt text and placeholder expansion (one `<image>`/`<video>` -> its exact token run)."""
+"""Placeholder expansion: one `<image>` / `<video>` id -> its exact run of visual tokens."""
 
 from __future__ import annotations
 
@@ -8,23 +8,6 @@ import numpy as np
 
 from lov_jax import visual_layout
 from lov_jax.config import ModelConfig
-
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
-
-
-def chat_prompt(question: str, num_images: int = 0, num_videos: int = 0, system: str | None = None):
-    """One user turn + generation prompt, as llava-hf's chat template renders it.
-
-    Images first, then videos, then the text (REFERENCE.md 7.1); no system turn
-    unless given (the original LLaVA recipe always used "You are a helpful assistant.").
-    """
-    text = ""
-    if system is not None:
-        text += f"<|im_start|>system\n{system}<|im_end|>\n"
-    text += "<|im_start|>user\n"
-    text += f"{IMAGE_PLACEHOLDER}\n" * num_images + f"{VIDEO_PLACEHOLDER}\n" * num_videos
-    return text + f"{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def expand_placeholders(

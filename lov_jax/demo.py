@@ -86,9 +86,9 @@ def run_demo(
     the default `STEPS`. `seed` seeds the data, the initialisation and the shuffling."""
     from configs import demo as recipe
     from data_pipelines.synthetic import CHANCE, TASKS, make_shapes_dataset
-    from data_pipelines.tokenizer import load_tokenizer
     from lov_jax.convert.export import orbax_to_hf
     from lov_jax.eval.runner import ModelPredictor, run_eval
+    from lov_jax.inference.prompting import Prompter
     from lov_jax.parity import check_parity
     from lov_jax.pretrained import load_pretrained
     from lov_jax.train.run import train_from_config
@@ -128,11 +128,11 @@ def run_demo(
 
     t = time.time()
     cfg, params = load_pretrained(out / FINAL_STAGE)
-    tokenizer = load_tokenizer(out / FINAL_STAGE / "assets")
+    prompter = Prompter.from_checkpoint(out / FINAL_STAGE)
     tasks_dir = out / "eval_tasks"
     tasks_dir.mkdir(exist_ok=True)
     eval_results = run_eval(
-        write_eval_tasks(data, tasks_dir), out / "eval", ModelPredictor(params, cfg, tokenizer),
+        write_eval_tasks(data, tasks_dir), out / "eval", ModelPredictor(params, cfg, prompter),
         batch_size=16, log=lambda s: None,
     )  # fmt: skip
     mark("eval", t)

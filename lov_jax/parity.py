@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import image_processing, prompt, video
+from data_pipelines import image_processing, video
 from lov_jax import visual_layout
 from lov_jax.config import ModelConfig
 from lov_jax.models.llava_onevision import LlavaOnevision
@@ -58,35 +58,26 @@ def _load_images(paths):
     return images
 
 
-def our_inputs(cfg: ModelConfig, tokenizer, question, images, frames):
-    """Token ids int32[T], crops uint8[N, S, S, 3] and visual items, from raw inputs."""
-    kind = "anyres" if len(images) == 1 else "pad"  # HF: >1 image per sample -> pad
-    crops, items = [], []
-    for image in images:
-        c, item = image_processing.preprocess(kind, image, cfg)
-        crops.append(c)
-        items.append(item)
-    if frames is not None:
-        crops.append(image_processing.video_frames(frames, cfg))
-        items.append(visual_layout.VisualItem(kind="video", num_frames=len(frames)))
-    text = prompt.chat_prompt(question, len(images), int(frames is not None))
-    ids = tokenizer.encode(text).ids
-    tokens = prompt.expand_placeholders(ids, items, cfg)
-    size = cfg.vision.image_size
-    crops = np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
-    return tokens, crops, items
+def our_inputs(cfg: ModelConfig, prompter, question, images, frames):
+    """Token ids int32[T], crops uint8[N, S, S, 3] and visual items, from raw inputs:
+    the checkpoint's chat template and tokenizer (lov_jax/inference/prompting.py)."""
+    videos = [] if frames is None else [frames]
+    inputs = prompter.encode(cfg, (question, images, videos))
+    return inputs.tokens, inputs.crops, inputs.items
 
 
 def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
-    """HF processor outputs (torch tensors) with the video placeholder expanded by hand."""
+    """HF processor outputs (torch tensors) with the video placeholder expanded by hand.
+
+    The prompt is the same request rendered by HF's own `apply_chat_template` (typed
+    `<image>` / `<video>` stay where they were typed, else the items go first)."""
     import torch
 
-    content = [{"type": "image"}] * len(images)
-    content += [{"type": "video"}] if frame_crops is not None else []
-    content += [{"type": "text", "text": question}]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True
-    )
+    from lov_jax.inference.prompting import to_messages
+
+    videos = [] if frame_crops is None else [frame_crops]
+    messages, _, _ = to_messages((question, images, videos))
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
     image_arg = None
     if len(images) == 1:
         image_arg = images
@@ -94,16 +85,18 @@ def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
         image_arg = [images]  # nested: one sample with several images -> pad path
     if frame_crops is None:
         return dict(processor(text=text, images=image_arg, return_tensors="pt"))
-    # Without a video processor HF refuses `<video>`: process the text before it with
-    # the images, tokenize the rest alone (a special token splits BPE, so the ids are
-    # the same), and expand the video run to 196 * F + 1 here.
-    before, after = text.split("<video>", 1)
-    inputs = dict(processor(text=before, images=image_arg, return_tensors="pt"))
+    # Without a video processor HF refuses `<video>`: a special token that the text does
+    # not hold stands in for it (special tokens split BPE, so the ids around it are the
+    # ones `<video>` would give), the images are expanded by HF, and the stand-in's id
+    # becomes the video run of 196 * F + 1 here.
+    tok = processor.tokenizer
+    stand_in = next(t for t in tok.all_special_tokens if t not in text and t != "<image>")
+    inputs = dict(processor(text=text.replace("<video>", stand_in, 1), images=image_arg,
+                            return_tensors="pt"))  # fmt: skip
+    ids = inputs["input_ids"][0].tolist()
+    at = ids.index(tok.convert_tokens_to_ids(stand_in))
     item = visual_layout.VisualItem(kind="video", num_frames=len(frame_crops))
-    ids = inputs["input_ids"][0].tolist() + [cfg.ids.video] * visual_layout.num_tokens(
-        item, cfg
-    )
-    ids += processor.tokenizer(after, add_special_tokens=False)["input_ids"]
+    ids[at : at + 1] = [cfg.ids.video] * visual_layout.num_tokens(item, cfg)
     inputs["input_ids"] = torch.tensor([ids])
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     x = frame_crops.astype(np.float32) * np.float32(1 / 255)
@@ -124,8 +117,8 @@ def check_parity(
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from data_pipelines.hf_processor import load_hf_processor
-    from data_pipelines.tokenizer import load_tokenizer
     from lov_jax.convert.safetensors_io import load_hf_checkpoint
+    from lov_jax.inference.prompting import Prompter
 
     jax.config.update("jax_default_matmul_precision", "highest")
     hf_dir = Path(hf_dir)
@@ -133,14 +126,18 @@ def check_parity(
     images = _load_images(image_paths)
     frames = video.read_video(video_path, num_frames) if video_path else None
 
-    tokens, crops, items = our_inputs(cfg, load_tokenizer(hf_dir), question, images, frames)
-    frame_crops = crops[len(crops) - len(frames) :] if frames is not None else None
+    prompter = Prompter.from_checkpoint(hf_dir)
+    tokens, crops, items = our_inputs(cfg, prompter, question, images, frames)
+    video_at = next((k for k, it in enumerate(items) if it.kind == "video"), None)
+    frame_crops = None
+    if video_at is not None:  # the video's crops: after those of the items before it
+        start = sum(visual_layout.num_crops(it, cfg) for it in items[:video_at])
+        frame_crops = crops[start : start + len(frames)]
     inputs = hf_inputs(load_hf_processor(hf_dir), cfg, question, images, frame_crops)
 
     hf_ids = inputs["input_ids"][0].numpy()
     tokens_equal = hf_ids.shape == tokens.shape and bool(np.all(hf_ids == tokens))
-    image_items = [it for it in items if it.kind != "video"]
-    pixels_diff = _pixel_diff(crops, inputs.get("pixel_values"), image_items, cfg)
+    pixels_diff = _pixel_diff(crops, inputs.get("pixel_values"), items, cfg)
 
     model = LlavaOnevision(cfg)
     n = len(tokens)
@@ -176,16 +173,18 @@ def check_parity(
     return report
 
 
-def _pixel_diff(our_crops, hf_pixels, image_items, cfg: ModelConfig) -> float:
-    """Max |ours - HF| over the real (unpadded) crops of every image (images come first)."""
-    if hf_pixels is None or not image_items:
+def _pixel_diff(our_crops, hf_pixels, items, cfg: ModelConfig) -> float:
+    """Max |ours - HF| over the real (unpadded) crops of every image, in item order."""
+    if hf_pixels is None:
         return 0.0
-    hf = hf_pixels.numpy()  # [num_images, max_crops, 3, S, S]
+    hf = hf_pixels.numpy()  # [num_images, max_crops, 3, S, S], the images in prompt order
     ours = image_processing.normalize(our_crops)
-    diff, start = 0.0, 0
-    for i, item in enumerate(image_items):
+    diff, start, image = 0.0, 0, 0
+    for item in items:
         n = visual_layout.num_crops(item, cfg)
-        ref = hf[i, :n].transpose(0, 2, 3, 1)
-        diff = max(diff, float(np.max(np.abs(ours[start : start + n] - ref))))
+        if item.kind != "video":
+            ref = hf[image, :n].transpose(0, 2, 3, 1)
+            diff = max(diff, float(np.max(np.abs(ours[start : start + n] - ref))))
+            image += 1
         start += n
     return diff

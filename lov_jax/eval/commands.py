@@ -10,14 +10,14 @@ def _eval(args) -> int:
 
     from lov_jax.distributed import maybe_initialize
     from lov_jax.eval.runner import ModelPredictor, run_eval
-    from lov_jax.inference.commands import load_checkpoint, load_tokenizer_for, local_mesh
+    from lov_jax.inference.commands import load_checkpoint, load_prompter, local_mesh
 
     # multi-host: TPU pods, SLURM, LOV_JAX_* (no-op for one process); --distributed forces
     if not maybe_initialize() and args.distributed:
         jax.distributed.initialize()
     cfg, params = load_checkpoint(args.ckpt, args.dtype)
     predictor = ModelPredictor(
-        params, cfg, load_tokenizer_for(args.ckpt), mesh=local_mesh(args.mesh),
+        params, cfg, load_prompter(args), mesh=local_mesh(args.mesh),
         temperature=args.temperature,
     )  # fmt: skip
     model_config = {
@@ -41,6 +41,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N records of each task")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--conv-template", default=None, help="as `lov-jax generate --conv-template`")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--mesh", default=None, help=f"{MESH_HELP}; over this host's devices")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")

@@ -37,20 +37,18 @@ class Predictor(Protocol):
 
 
 class ModelPredictor:
-    """`Predictor` over `lov_jax.inference` (greedy by default, stops on the checkpoint's eos ids)."""
+    """`Predictor` over `lov_jax.inference` (greedy by default; stops on the eos ids)."""
 
-    def __init__(self, params, cfg, tokenizer, *, mesh=None, temperature: float = 0.0):
+    def __init__(self, params, cfg, prompter, *, mesh=None, temperature: float = 0.0):
         from lov_jax.inference.engine import Generator
 
-        self.cfg, self.tokenizer, self.temperature = cfg, tokenizer, temperature
+        self.cfg, self.prompter, self.temperature = cfg, prompter, temperature
         self.generator = Generator(params, cfg, mesh=mesh)
         self.batch_multiple = self.generator.batch_multiple
 
     def encode(self, request: Request):
-        from lov_jax.inference.api import request_inputs
-
         req = (request.question, request.images, request.videos)
-        return request_inputs(self.cfg, self.tokenizer, req, num_frames=request.num_frames)
+        return self.prompter.encode(self.cfg, req, num_frames=request.num_frames)
 
     def predict(self, encoded, max_new_tokens: int) -> list[str]:
         from lov_jax.inference.engine import GenerationConfig
@@ -60,7 +58,8 @@ class ModelPredictor:
             temperature=self.temperature,
         )
         out = self.generator.generate(list(encoded), gen)
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+        tok = self.prompter.tokenizer
+        return [tok.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
 
 
 # ---- per-process shard -------------------------------------------------------------------

@@ -16,11 +16,11 @@ def load_checkpoint(ckpt: str | Path, dtype: str | None = None) -> tuple[ModelCo
     return load_pretrained(ckpt, dtype=dtype)
 
 
-def load_tokenizer_for(ckpt: str | Path):
-    """The checkpoint's own tokenizer (`lov_jax.pretrained.load_tokenizer`)."""
-    from lov_jax.pretrained import load_tokenizer
+def load_prompter(args):
+    """The checkpoint's tokenizer and chat template (`--conv-template` replaces the latter)."""
+    from lov_jax.inference.prompting import Prompter
 
-    return load_tokenizer(ckpt)
+    return Prompter.from_checkpoint(args.ckpt, conv_template=args.conv_template, system=args.system)
 
 
 def local_mesh(flag: str | None):
@@ -43,10 +43,9 @@ def _generate(args) -> int:
     maybe_initialize()  # multi-host: TPU pods, SLURM, LOV_JAX_* (no-op for one process)
 
     cfg, params = load_checkpoint(args.ckpt, args.dtype)
-    tok = load_tokenizer_for(args.ckpt)
-    request = (args.prompt, args.image, [args.video] if args.video else [])
+    request = (args.prompt, args.image, args.video)
     texts, out = generate(
-        params, cfg, [request], tokenizer=tok, max_new_tokens=args.max_new_tokens,
+        params, cfg, [request], prompter=load_prompter(args), max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         num_frames=args.num_frames, mesh=local_mesh(args.mesh), return_output=True,
     )  # fmt: skip
@@ -70,6 +69,12 @@ def add_generate_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    p.add_argument(
+        "--conv-template", default=None,
+        help="render prompts with this LLaVA-NeXT conversation template instead of the "
+        "checkpoint's chat_template (needed when the checkpoint has none)",
+    )  # fmt: skip
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--dtype", default=None, help="param dtype to load (default: as stored)")
     p.add_argument("--mesh", default=None, help=f"{MESH_HELP}; over this host's devices")
 
@@ -79,6 +84,6 @@ def add_commands(subparsers) -> None:
     add_generate_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--video", default=None, help="video file")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.set_defaults(func=_generate)

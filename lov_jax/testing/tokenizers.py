@@ -43,7 +43,6 @@ class TokenizerSpec:
 def qwen2() -> TokenizerSpec:
     """The offline Qwen-2 tokenizer with llava-hf OneVision's specials and template."""
     from data_pipelines import tokenizer as qwen
-
     from lov_jax.config import tiny
 
     tok = qwen.build_qwen2_tokenizer()
@@ -133,8 +132,10 @@ def small_bpe(
     plain = sorted(vocab, key=vocab.get)
     placed = {t: free[k] for k, t in enumerate(plain)}
     rest = iter(free[len(plain) :])
-    for t in texts:
-        wanted.setdefault(t, next(rest))
+    for t in (t for t in texts if t not in wanted):
+        wanted[t] = next(rest, None)
+        if wanted[t] is None:
+            raise ValueError(f"vocab_size {vocab_size} leaves no id for {t!r}")
     full = {**placed, **wanted}
     if len(set(full.values())) != len(full) or max(full.values()) >= vocab_size:
         raise ValueError(f"cannot place {len(full)} tokens in a vocab of {vocab_size}")

@@ -50,7 +50,11 @@ def test_each_stage_sets_what_its_recipe_changes():
     assert (base.optim.lr, base.optim.vision_lr, base.optim.trainable) == (
         1e-5, 2e-6, ("vision", "projector", "llm"),
     )  # fmt: skip
-    assert (base.data.seq_len, base.data.template, base.data.frames_upbound) == (32768, "qwen", 32)
+    assert (base.data.seq_len, base.data.template, base.data.frames_upbound) == (
+        32768,
+        "qwen_1_5",
+        32,
+    )
 
 
 @pytest.mark.parametrize("preset", common.PRESETS)
@@ -104,10 +108,10 @@ def test_overrides_parse_like_the_field():
         [
             "--config.optim.lr=2",
             "--config.optim.trainable=vision,llm",
-            "--config.data.template=qwen",
+            "--config.data.template=qwen_1_5",
         ],
     )
-    assert (c.optim.lr, c.optim.trainable, c.data.template) == (2.0, ("vision", "llm"), "qwen")
+    assert (c.optim.lr, c.optim.trainable, c.data.template) == (2.0, ("vision", "llm"), "qwen_1_5")
     c = apply_overrides(c, ["--config.optim.trainable=llm", "--config.train.num_steps=3"])
     assert (c.optim.trainable, c.train.num_steps) == (("llm",), 3)
     with pytest.raises(ValueError, match="data.seq_len"):

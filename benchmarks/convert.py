@@ -34,7 +34,7 @@ import numpy as np
 
 from lov_jax.config import preset
 from lov_jax.convert.export import ShardWriter
-from lov_jax.convert.hf_keys import flatten, hf_entries, param_shapes
+from lov_jax.convert.hf_keys import hf_entries, target_shapes
 from lov_jax.convert.safetensors_io import read_safetensors
 
 _HF_BASELINE = """
@@ -49,7 +49,7 @@ m.save_pretrained(sys.argv[2])
 def build_checkpoint(out: Path, preset_name: str, dtype: str, seed: int = 0) -> int:
     """Random HF checkpoint with the preset's exact shapes; returns its tensor bytes."""
     cfg = preset(preset_name)
-    flat = flatten(param_shapes(cfg))
+    flat = target_shapes(cfg)
     np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype("bfloat16")
     plan = []
     for name, path, layer, tf in hf_entries(cfg, "hf_legacy"):

@@ -25,8 +25,11 @@ ATTENTION_IMPLS = ("xla", "splash")
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP vision tower (OV drops the last of SO400M's 27 layers)."""
+    """SigLIP vision tower (OV drops the last of SO400M's 27 layers).
 
+    `kind` names the tower's family (lov_jax/models/families.py)."""
+
+    kind: str = "siglip"
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_layers: int = 26
@@ -52,8 +55,9 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Qwen-2 decoder."""
+    """Qwen-2 decoder; `kind` names the LLM's family (lov_jax/models/families.py)."""
 
+    kind: str = "qwen2"
     vocab_size: int = 152000
     hidden_size: int = 896
     intermediate_size: int = 4864
@@ -80,6 +84,7 @@ class ModelConfig:
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     token_ids: TokenIds | None = None
+    projector: str = "mlp2x_gelu"  # the projector's family: "mlp2x_gelu" | "linear"
     vision_aspect_ratio: str = "anyres_max_9"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ANYRES_GRID_PINPOINTS
     video_pool_size: int = 14  # ceil(27 / 2): frames are pooled 27x27 -> 14x14
@@ -128,44 +133,19 @@ class ModelConfig:
 
         Token ids are not read here: they need generation_config.json and the tokenizer
         too (`lov_jax.token_ids.read_token_ids`); pass them as `token_ids=`."""
-        v, t = hf.get("vision_config", {}), hf.get("text_config", {})
-        if t.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not supported (OV never uses it)")
+        from lov_jax.models import families  # the registry imports the model modules
+
         if hf.get("vision_feature_select_strategy", "full") != "full":
             raise ValueError("only vision_feature_select_strategy='full' is OneVision")
         if hf.get("vision_feature_layer", -1) != -1:
             raise ValueError("only vision_feature_layer=-1 (on the 26-layer tower) is OneVision")
-        rope = t.get("rope_parameters") or {}
-        hidden = t.get("hidden_size", 4096)
-        heads = t.get("num_attention_heads", 32)
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 768),
-            intermediate_size=v.get("intermediate_size", 3072),
-            num_layers=v.get("num_hidden_layers", 12),
-            num_heads=v.get("num_attention_heads", 12),
-            patch_size=v.get("patch_size", 16),
-            image_size=v.get("image_size", 224),
-            num_channels=v.get("num_channels", 3),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-        )
-        text = TextConfig(
-            vocab_size=t.get("vocab_size", 151936),
-            hidden_size=hidden,
-            intermediate_size=t.get("intermediate_size", 22016),
-            num_layers=t.get("num_hidden_layers", 32),
-            num_heads=heads,
-            num_kv_heads=t.get("num_key_value_heads") or heads,
-            head_dim=t.get("head_dim") or hidden // heads,
-            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=t.get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
-        )
+        vision, text, projector = families.config_parts_from_hf(hf)
         pinpoints = tuple(tuple(p) for p in hf.get("image_grid_pinpoints", ANYRES_GRID_PINPOINTS))
         pps = vision.image_size // vision.patch_size
         return cls(
             vision=vision,
             text=text,
+            projector=projector,
             vision_aspect_ratio=hf.get("vision_aspect_ratio", "anyres_max_9"),
             image_grid_pinpoints=pinpoints,
             video_pool_size=math.ceil(pps / 2),
@@ -174,56 +154,28 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict:
         """A `LlavaOnevisionConfig` dict that current `transformers` loads unchanged."""
-        v, t = self.vision, self.text
+        from lov_jax.models import families
+
         ids = self.ids
+        parts = families.config_parts_to_hf(self.vision, self.text, self.projector)
+        text = {
+            **parts.pop("text_config"),
+            "bos_token_id": ids.bos,
+            "eos_token_id": ids.eos[0] if len(ids.eos) == 1 else list(ids.eos),
+            "pad_token_id": ids.pad,
+        }
         return {
             "architectures": ["LlavaOnevisionForConditionalGeneration"],
             "model_type": "llava_onevision",
             "image_token_index": ids.image,
             "video_token_index": ids.video,
-            "projector_hidden_act": "gelu",
-            "multimodal_projector_bias": True,
+            **parts,
             "vision_feature_select_strategy": "full",
             "vision_feature_layer": -1,
             "vision_aspect_ratio": self.vision_aspect_ratio,
             "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
-            "tie_word_embeddings": t.tie_word_embeddings,
-            "vision_config": {
-                "model_type": "siglip_vision_model",
-                "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_hidden_layers": v.num_layers,
-                "num_attention_heads": v.num_heads,
-                "patch_size": v.patch_size,
-                "image_size": v.image_size,
-                "num_channels": v.num_channels,
-                "layer_norm_eps": v.layer_norm_eps,
-                "hidden_act": "gelu_pytorch_tanh",
-                "attention_dropout": 0.0,
-                "vision_use_head": False,
-            },
-            "text_config": {
-                "model_type": "qwen2",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size,
-                "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads,
-                "num_key_value_heads": t.num_kv_heads,
-                "head_dim": t.head_dim,
-                "hidden_act": "silu",
-                "rms_norm_eps": t.rms_norm_eps,
-                "max_position_embeddings": t.max_position_embeddings,
-                "rope_theta": t.rope_theta,
-                "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
-                "tie_word_embeddings": t.tie_word_embeddings,
-                "use_sliding_window": False,
-                "sliding_window": None,
-                "attention_dropout": 0.0,
-                "bos_token_id": ids.bos,
-                "eos_token_id": ids.eos[0] if len(ids.eos) == 1 else list(ids.eos),
-                "pad_token_id": ids.pad,
-            },
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "text_config": text,
         }
 
 

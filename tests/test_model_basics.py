@@ -17,6 +17,7 @@ from lov_jax.models.llava_onevision import (
     init_params,
 )
 from lov_jax.models.loss import chunked_cross_entropy
+from lov_jax.token_ids import TokenIds
 
 
 @pytest.mark.parametrize(
@@ -30,14 +31,20 @@ def test_preset_parameter_counts(name, published):
     assert abs(n - published) / published < 1e-3, n
 
 
+# Token ids belong to a checkpoint, not a preset (read_token_ids reads them back).
+IDS = TokenIds(pad=3, eos=(4, 5), image=6, video=7, bos=1)
+
+
 def test_hf_config_round_trip():
     for name in ("ov_0_5b", "ov_7b", "ov_72b", "tiny"):
-        cfg = config.preset(name)
-        assert config.ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+        cfg = config.preset(name, token_ids=IDS)
+        hf = cfg.to_hf_config()
+        assert hf["text_config"]["eos_token_id"] == [4, 5]
+        assert config.ModelConfig.from_hf_config(hf, token_ids=IDS) == cfg
 
 
 def test_config_rejects_non_onevision_settings():
-    hf = config.ov_0_5b().to_hf_config()
+    hf = config.ov_0_5b(token_ids=IDS).to_hf_config()
     with pytest.raises(ValueError, match="vision_feature_select_strategy"):
         config.ModelConfig.from_hf_config({**hf, "vision_feature_select_strategy": "default"})
     with pytest.raises(ValueError, match="remat_policy"):
@@ -118,19 +125,20 @@ def test_rules_table_rejects_collisions():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "ov_7b"])
-def test_conversion_table_shapes_equal_model_params(preset):
-    from lov_jax.convert.hf_keys import param_shapes
+def test_key_tables_cover_exactly_the_model_params(preset):
+    from lov_jax.convert.hf_keys import flatten, hf_entries
 
     cfg = config.preset(preset)
-    model_shapes = jax.tree.map(lambda x: tuple(x.shape), abstract_params(cfg, boxed=False))
-    table = param_shapes(cfg)
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
-    assert jax.tree.structure(table, is_leaf=is_shape) == jax.tree.structure(
-        model_shapes, is_leaf=is_shape
-    )
-    assert jax.tree.leaves(table, is_leaf=is_shape) == jax.tree.leaves(
-        model_shapes, is_leaf=is_shape
-    )
+    leaves = flatten(abstract_params(cfg, boxed=False))
+    entries = list(hf_entries(cfg))
+    assert {path for _, path, _, _ in entries} == set(leaves)
+    assert len({name for name, _, _, _ in entries}) == len(entries)  # no HF name twice
+    for _, path, layer, _ in entries:  # every layer of a stacked leaf, once
+        if layer is not None:
+            assert 0 <= layer < leaves[path].shape[0]
+    stacked = {p for _, p, layer, _ in entries if layer is not None}
+    for p in stacked:
+        assert sum(1 for _, q, _, _ in entries if q == p) == leaves[p].shape[0]
 
 
 def test_gathering_trained_positions_keeps_the_loss_exact():

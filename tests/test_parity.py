@@ -111,13 +111,7 @@ def test_qwen2_parity(fixture, request):
     lm = Qwen2Model(cfg)
     variables = {"params": loaded.params["language_model"]}
     positions = np.broadcast_to(np.arange(37), (2, 37))
-
-    def run(module, tokens, pos, seg):
-        return module.logits(module(module.embed(tokens), pos, seg))
-
-    ours = lm.apply(
-        variables, jnp.asarray(ids), jnp.asarray(positions), jnp.ones((2, 37)), method=run
-    )
+    ours = lm.apply(variables, jnp.asarray(ids), jnp.asarray(positions), jnp.ones((2, 37)))
     _check(np.asarray(ours), ref_logits)
 
 

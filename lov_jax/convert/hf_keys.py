@@ -1,142 +1,38 @@
-"""HF <-> lov_jax parameter conversion as one key table (STYLE.md 6).
+"""HF <-> lov_jax parameter conversion: the families' key tables filled into
+`abstract_params` (STYLE.md 6).
 
 Every accepted HF layout (REFERENCE.md 9) is first canonicalised by stripping its
-prefix (`_PREFIXES`), then one table (`_TABLE`) maps each canonical name to our
-param path, an optional layer index (layers are stacked on a leading axis for
-`nn.scan`) and a `Transform`. The same table, read backwards, writes HF names.
+prefix (`_PREFIXES`), then the config's families' key tables (lov_jax/convert/key_tables.py,
+picked by lov_jax/models/families.py) map each canonical name to our param path, an
+optional layer index (layers are stacked on a leading axis for `nn.scan`) and a
+`Transform`. The target of every conversion is `jax.eval_shape` of the model's init: its
+leaves are the only paths and shapes there are. The same rows, read backwards, write HF
+names.
 
-Canonical scheme: `vision.<siglip name without vision_model.>`,
-`projector.linear_{1,2}.*`, `image_newline`, `text.<Qwen2Model name>`, `lm_head.weight`.
+Canonical scheme: `vision.<tower name without vision_model.>`, `projector.<name>`,
+`image_newline`, `text.<decoder model name>`, `lm_head.weight`.
 """
 
 from __future__ import annotations
 
-import enum
-import math
+import functools
 import os
 import re
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes  # noqa: F401  (registers "bfloat16" with np.dtype)
 import numpy as np
 
 from lov_jax.config import ModelConfig
+from lov_jax.convert.key_tables import Transform
 
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the config; the message lists every problem."""
 
-
-class Transform(enum.Enum):
-    """HF tensor -> one layer of our leaf. `t` below is our per-layer shape."""
-
-    IDENTITY = "identity"
-    LINEAR = "linear"  # [out, in] -> [in, out]
-    HEADS_QKV = "heads_qkv"  # [n*h, D] -> [D, n, h]
-    HEADS_BIAS = "heads_bias"  # [n*h] -> [n, h]
-    HEADS_O = "heads_o"  # [D, n*h] -> [n, h, D]
-    CONV = "conv"  # OIHW [O, I, kh, kw] -> HWIO [kh, kw, I, O]
-
-    def hf_shape(self, t: tuple[int, ...]) -> tuple[int, ...]:
-        if self is Transform.LINEAR:
-            return t[::-1]
-        if self is Transform.HEADS_QKV:
-            return (math.prod(t[1:]), t[0])
-        if self is Transform.HEADS_BIAS:
-            return (math.prod(t),)
-        if self is Transform.HEADS_O:
-            return (t[-1], math.prod(t[:-1]))
-        if self is Transform.CONV:
-            return (t[3], t[2], t[0], t[1])
-        return t
-
-    def to_ours(self, x: np.ndarray, t: tuple[int, ...]) -> np.ndarray:
-        if self is Transform.CONV:
-            return x.transpose(2, 3, 1, 0)
-        if self in (Transform.LINEAR, Transform.HEADS_QKV, Transform.HEADS_O):
-            x = x.T
-        return x.reshape(t)
-
-    def to_hf(self, y: np.ndarray) -> np.ndarray:
-        if self is Transform.CONV:
-            y = y.transpose(3, 2, 0, 1)
-        elif self is Transform.LINEAR:
-            y = y.T
-        elif self is Transform.HEADS_QKV:
-            y = y.reshape(y.shape[0], -1).T
-        elif self is Transform.HEADS_O:
-            y = y.reshape(-1, y.shape[-1]).T
-        elif self is Transform.HEADS_BIAS:
-            y = y.reshape(-1)
-        return np.ascontiguousarray(y)
-
-
-T = Transform
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-# Per-layer rows: (HF name suffix, our path suffix, transform).
-_VISION_LAYER = (
-    *((f"{n}.weight", f"{n}/scale", T.IDENTITY) for n in ("layer_norm1", "layer_norm2")),
-    *((f"{n}.bias", f"{n}/bias", T.IDENTITY) for n in ("layer_norm1", "layer_norm2")),
-    *((f"self_attn.{n}.weight", f"self_attn/{n}/kernel", T.HEADS_QKV) for n in _QKV),
-    *((f"self_attn.{n}.bias", f"self_attn/{n}/bias", T.HEADS_BIAS) for n in _QKV),
-    ("self_attn.out_proj.weight", "self_attn/out_proj/kernel", T.HEADS_O),
-    ("self_attn.out_proj.bias", "self_attn/out_proj/bias", T.IDENTITY),
-    *((f"mlp.{n}.weight", f"mlp/{n}/kernel", T.LINEAR) for n in ("fc1", "fc2")),
-    *((f"mlp.{n}.bias", f"mlp/{n}/bias", T.IDENTITY) for n in ("fc1", "fc2")),
-)
-_TEXT_LAYER = (
-    *(
-        (f"{n}.weight", f"{n}/scale", T.IDENTITY)
-        for n in ("input_layernorm", "post_attention_layernorm")
-    ),
-    *((f"self_attn.{n}.weight", f"self_attn/{n}/kernel", T.HEADS_QKV) for n in _QKV),
-    *((f"self_attn.{n}.bias", f"self_attn/{n}/bias", T.HEADS_BIAS) for n in _QKV),
-    ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", T.HEADS_O),
-    *(
-        (f"mlp.{n}.weight", f"mlp/{n}/kernel", T.LINEAR)
-        for n in ("gate_proj", "up_proj", "down_proj")
-    ),
-)
-
-_VISION = (
-    ("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", T.CONV),
-    ("embeddings.patch_embedding.bias", "embeddings/patch_embedding/bias", T.IDENTITY),
-    ("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding", T.IDENTITY),
-    *((f"encoder.layers.{{layer}}.{a}", f"encoder/layers/{b}", tf) for a, b, tf in _VISION_LAYER),
-    ("post_layernorm.weight", "post_layernorm/scale", T.IDENTITY),
-    ("post_layernorm.bias", "post_layernorm/bias", T.IDENTITY),
-)
-_TEXT = (
-    ("embed_tokens.weight", "embed_tokens/embedding", T.IDENTITY),
-    *((f"layers.{{layer}}.{a}", f"layers/{b}", tf) for a, b, tf in _TEXT_LAYER),
-    ("norm.weight", "norm/scale", T.IDENTITY),
-)
-
-# (canonical HF name, our path, transform). `{layer}` marks a leaf stacked on axis 0.
-_TABLE: tuple[tuple[str, str, Transform], ...] = (
-    *((f"vision.{a}", f"vision_tower/{b}", tf) for a, b, tf in _VISION),
-    ("projector.linear_1.weight", "multi_modal_projector/linear_1/kernel", T.LINEAR),
-    ("projector.linear_1.bias", "multi_modal_projector/linear_1/bias", T.IDENTITY),
-    ("projector.linear_2.weight", "multi_modal_projector/linear_2/kernel", T.LINEAR),
-    ("projector.linear_2.bias", "multi_modal_projector/linear_2/bias", T.IDENTITY),
-    ("image_newline", "image_newline", T.IDENTITY),
-    *((f"text.{a}", f"language_model/{b}", tf) for a, b, tf in _TEXT),
-    ("lm_head.weight", "language_model/lm_head/kernel", T.LINEAR),
-)
-
-_EMBED = "language_model/embed_tokens/embedding"
-_LM_HEAD = "language_model/lm_head/kernel"
-
-
-def _compile(name: str) -> re.Pattern:
-    return re.compile(re.escape(name).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
-
-
-_RULES = tuple((_compile(name), name, path, tf) for name, path, tf in _TABLE)
 
 # Input prefix -> canonical prefix; first match wins, so longer/more specific first.
 # (lmms-lab, 4.52+ in-memory `model.*`, legacy llava-hf, v5.6+ without `vision_model.`)
@@ -184,64 +80,71 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
 }
 
+# Where each part sits: (canonical prefix, our module path). An LLM table's names are
+# `XForCausalLM`'s: `model.*` is the decoder (canonical `text.*`), `lm_head.*` stays.
+_VISION = ("vision.", "vision_tower/")
+_PROJECTOR = ("projector.", "multi_modal_projector/")
+_LLM = "language_model/"
+_LLM_CANON = (("model.", "text."), ("lm_head.", "lm_head."))
 
-def param_shapes(cfg: ModelConfig) -> dict:
-    """Nested dict of our param shapes (layers stacked on axis 0)."""
-    v, t = cfg.vision, cfg.text
-    D, Iv, Lv, nv, hv = v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads, v.head_dim
-    H, It, Lt, V = t.hidden_size, t.intermediate_size, t.num_layers, t.vocab_size
-    nh, kv, hd = t.num_heads, t.num_kv_heads, t.head_dim
-    P, C = v.patch_size, v.num_channels
-    vattn = {n: {"kernel": (Lv, D, nv, hv), "bias": (Lv, nv, hv)} for n in _QKV}
-    vattn["out_proj"] = {"kernel": (Lv, nv, hv, D), "bias": (Lv, D)}
-    tattn = {
-        "q_proj": {"kernel": (Lt, H, nh, hd), "bias": (Lt, nh, hd)},
-        "k_proj": {"kernel": (Lt, H, kv, hd), "bias": (Lt, kv, hd)},
-        "v_proj": {"kernel": (Lt, H, kv, hd), "bias": (Lt, kv, hd)},
-        "o_proj": {"kernel": (Lt, nh, hd, H)},
-    }
-    lm = {
-        "embed_tokens": {"embedding": (V, H)},
-        "layers": {
-            "input_layernorm": {"scale": (Lt, H)},
-            "post_attention_layernorm": {"scale": (Lt, H)},
-            "self_attn": tattn,
-            "mlp": {
-                "gate_proj": {"kernel": (Lt, H, It)},
-                "up_proj": {"kernel": (Lt, H, It)},
-                "down_proj": {"kernel": (Lt, It, H)},
-            },
-        },
-        "norm": {"scale": (H,)},
-    }
-    if not t.tie_word_embeddings:
-        lm["lm_head"] = {"kernel": (H, V)}
-    return {
-        "vision_tower": {
-            "embeddings": {
-                "patch_embedding": {"kernel": (P, P, C, D), "bias": (D,)},
-                "position_embedding": {"embedding": (v.num_patches, D)},
-            },
-            "encoder": {
-                "layers": {
-                    "layer_norm1": {"scale": (Lv, D), "bias": (Lv, D)},
-                    "layer_norm2": {"scale": (Lv, D), "bias": (Lv, D)},
-                    "self_attn": vattn,
-                    "mlp": {
-                        "fc1": {"kernel": (Lv, D, Iv), "bias": (Lv, Iv)},
-                        "fc2": {"kernel": (Lv, Iv, D), "bias": (Lv, D)},
-                    },
-                },
-            },
-            "post_layernorm": {"scale": (D,), "bias": (D,)},
-        },
-        "multi_modal_projector": {
-            "linear_1": {"kernel": (D, H), "bias": (H,)},
-            "linear_2": {"kernel": (H, H), "bias": (H,)},
-        },
-        "image_newline": (H,),
-        "language_model": lm,
-    }
+
+class _Rule(NamedTuple):
+    pattern: re.Pattern
+    name: str  # canonical HF name, `{layer}` for a stacked leaf
+    path: str
+    tf: Transform
+
+
+def _compile(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+
+
+@functools.cache
+def _rules(vision: str, projector: str, llm: str) -> tuple[_Rule, ...]:
+    from lov_jax.models import families
+
+    rows = [(_VISION[0] + a, _VISION[1] + b, tf) for a, b, tf in families.vision(vision).keys]
+    rows += [
+        (_PROJECTOR[0] + a, _PROJECTOR[1] + b, tf)
+        for a, b, tf in families.projector(projector).keys
+    ]
+    rows.append(("image_newline", "image_newline", Transform.IDENTITY))
+    for a, b, tf in families.llm(llm).keys:
+        hf, canon = next((h, c) for h, c in _LLM_CANON if a.startswith(h))
+        rows.append((canon + a[len(hf) :], _LLM + b, tf))
+    return tuple(_Rule(_compile(name), name, path, tf) for name, path, tf in rows)
+
+
+def _rules_of(cfg: ModelConfig) -> tuple[_Rule, ...]:
+    return _rules(cfg.vision.kind, cfg.projector, cfg.text.kind)
+
+
+def _tied(cfg: ModelConfig) -> tuple[str, str] | None:
+    """(head path, embedding path) when the head is tied: it is then no param of ours."""
+    from lov_jax.models import families
+
+    tied = families.llm(cfg.text.kind).tied
+    if tied is None or not cfg.text.tie_word_embeddings:
+        return None
+    return _LLM + tied[0], _LLM + tied[1]
+
+
+def _target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    # Shapes depend on neither the attention kernel nor remat: one traced init per size.
+    return _traced_shapes(cfg.replace(attention_impl="xla", remat_policy="none"))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from lov_jax.models.llava_onevision import abstract_params
+
+    leaves = flatten(abstract_params(cfg, boxed=False))
+    return {path: tuple(int(d) for d in x.shape) for path, x in leaves.items()}
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{param path: shape} of the model `cfg` builds (the conversion target)."""
+    return dict(_target_shapes(cfg))
 
 
 def flatten(tree: Mapping) -> dict[str, Any]:
@@ -274,16 +177,16 @@ def canonical_name(hf_name: str) -> str | None:
     return None
 
 
-def lookup(hf_name: str) -> tuple[str, int | None, Transform] | None:
+def _lookup(hf_name: str, rules: tuple[_Rule, ...]) -> tuple[str, int | None, Transform] | None:
     """HF name in any layout -> (our path, layer index or None, transform)."""
     canon = canonical_name(hf_name)
     if canon is None:
         return None
-    for pattern, _, path, tf in _RULES:
-        m = pattern.match(canon)
+    for rule in rules:
+        m = rule.pattern.match(canon)
         if m:
             layer = m.groupdict().get("layer")
-            return path, (None if layer is None else int(layer)), tf
+            return rule.path, (None if layer is None else int(layer)), rule.tf
     return None
 
 
@@ -297,14 +200,73 @@ def _hf_name(name: str, layer: int | None, layout: str) -> str:
 
 def _entries(cfg: ModelConfig) -> Iterator[tuple[str, str, int | None, Transform]]:
     """(canonical name template, path, layer, transform) for every tensor of `cfg`."""
-    flat = flatten(param_shapes(cfg))
-    for _, name, path, tf in _RULES:
-        if path not in flat:
+    shapes = _target_shapes(cfg)
+    for rule in _rules_of(cfg):
+        if rule.path not in shapes:
             continue  # lm_head when tied
-        if "{layer}" in name:
-            yield from ((name, path, i, tf) for i in range(flat[path][0]))
+        if "{layer}" in rule.name:
+            yield from ((rule.name, rule.path, i, rule.tf) for i in range(shapes[rule.path][0]))
         else:
-            yield name, path, None, tf
+            yield rule.name, rule.path, None, rule.tf
+
+
+class _Match(NamedTuple):
+    key: str  # the HF name
+    path: str
+    layer: int | None
+    tf: Transform
+    shape: tuple[int, ...]  # our per-layer shape the tensor must fill
+    tied: bool  # a tied model's head: checked against the embedding, not stored
+
+
+def _match(keys: Iterator[str], cfg: ModelConfig) -> tuple[list[_Match], list[str]]:
+    """The one key-matching loop: every HF name -> the leaf (and layer) it fills.
+
+    Problems: unknown names, two names filling one leaf, layers past the config's,
+    leaves nothing fills. Shapes are the caller's to compare (`_shape_problem`).
+    """
+    shapes, rules, tied = _target_shapes(cfg), _rules_of(cfg), _tied(cfg)
+    matches: list[_Match] = []
+    errors: list[str] = []
+    filled: dict[tuple[str, int | None], str] = {}
+    for key in keys:
+        if _DROPPED.search(key):
+            continue
+        hit = _lookup(key, rules)
+        if hit is None:
+            errors.append(f"unknown key {key!r}")
+            continue
+        path, layer, tf = hit
+        if (path, layer) in filled:
+            at = "" if layer is None else f" layer {layer}"
+            errors.append(f"duplicate: {filled[path, layer]!r} and {key!r} both fill {path}{at}")
+            continue
+        filled[path, layer] = key
+        if tied is not None and path == tied[0]:
+            matches.append(_Match(key, path, None, tf, shapes[tied[1]][::-1], True))
+            continue
+        full = shapes[path]
+        if layer is not None and layer >= full[0]:
+            errors.append(f"{key!r}: layer {layer} out of range, config has {full[0]} layers")
+            continue
+        matches.append(_Match(key, path, layer, tf, full if layer is None else full[1:], False))
+    for name, path, layer, _ in _entries(cfg):
+        if (path, layer) not in filled:
+            at = "" if layer is None else f" layer {layer}"
+            errors.append(f"missing {path}{at} (e.g. {_hf_name(name, layer, 'hf')!r})")
+    return matches, errors
+
+
+def _shape_problem(m: _Match, got: tuple[int, ...]) -> str | None:
+    want = m.tf.hf_shape(m.shape)
+    if tuple(got) != want:
+        return f"shape mismatch {m.key!r}: expected {list(want)}, got {list(got)}"
+    return None
+
+
+def _raise(errors: list[str], what: str) -> None:
+    if errors:
+        raise CheckpointError(f"{what} ({len(errors)} problems):\n  " + "\n  ".join(errors))
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -346,75 +308,57 @@ def hf_to_params(
     tensor, so a lazy mapping is read one tensor per worker at a time.
     """
     out_dtype = None if dtype is None else np.dtype(dtype)
-    shapes = flatten(param_shapes(cfg))
-    tied = cfg.text.tie_word_embeddings
-    errors: list[str] = []
+    shapes = _target_shapes(cfg)
+    matches, errors = _match(iter(tensors), cfg)
     out: dict[str, np.ndarray] = {}
-    filled: dict[tuple[str, int | None], str] = {}
-    tied_head: tuple[str, np.ndarray] | None = None
-    jobs: list[tuple[str, str, int | None, Transform, tuple[int, ...]]] = []
-
-    for key in tensors:
-        if _DROPPED.search(key):
-            continue
-        hit = lookup(key)
-        if hit is None:
-            errors.append(f"unknown key {key!r}")
-            continue
-        path, layer, tf = hit
-        if (path, layer) in filled:
-            at = "" if layer is None else f" layer {layer}"
-            errors.append(f"duplicate: {filled[path, layer]!r} and {key!r} both fill {path}{at}")
-            continue
-        filled[path, layer] = key
-        if path == _LM_HEAD and tied:
-            tied_head = (key, _to_numpy(tensors[key]))  # checked against embed below
-            continue
-        full = shapes[path]
-        if layer is not None and layer >= full[0]:
-            errors.append(f"{key!r}: layer {layer} out of range, config has {full[0]} layers")
-            continue
-        jobs.append((key, path, layer, tf, full))
-
+    tied_heads: list[tuple[_Match, np.ndarray]] = []
     alloc = threading.Lock()
 
-    def fill(job) -> str | None:
-        key, path, layer, tf, full = job
-        t = full[1:] if layer is not None else full
-        x = _to_numpy(tensors[key])
-        if _shape(x) != tf.hf_shape(t):
-            return f"shape mismatch {key!r}: expected {list(tf.hf_shape(t))}, got {list(_shape(x))}"
-        if tf is not Transform.IDENTITY:
+    def fill(m: _Match) -> str | None:
+        x = _to_numpy(tensors[m.key])
+        problem = _shape_problem(m, _shape(x))
+        if problem is not None:
+            return problem
+        if m.tied:
+            tied_heads.append((m, m.tf.to_ours(x, m.shape)))  # compared with the embedding below
+            return None
+        if m.tf is not Transform.IDENTITY:
             x = np.array(x)  # sequential read first; transposing a file mapping faults ~3x slower
-        y = tf.to_ours(x, t)
-        if layer is None:
-            out[path] = np.array(y, dtype=out_dtype or y.dtype)  # owned copy, not a file view
+        y = m.tf.to_ours(x, m.shape)
+        if m.layer is None:
+            out[m.path] = np.array(y, dtype=out_dtype or y.dtype)  # owned copy, not a file view
             return None
         with alloc:
-            if path not in out:
-                out[path] = np.empty(full, dtype=out_dtype or y.dtype)
-        out[path][layer] = y
+            if m.path not in out:
+                out[m.path] = np.empty(shapes[m.path], dtype=out_dtype or y.dtype)
+        out[m.path][m.layer] = y
         return None
 
     with ThreadPoolExecutor(_WORKERS) as pool:
-        errors += [e for e in pool.map(fill, jobs) if e is not None]
-
-    for name, path, layer, _ in _entries(cfg):
-        if (path, layer) not in filled:
-            at = "" if layer is None else f" layer {layer}"
-            errors.append(f"missing {path}{at} (e.g. {_hf_name(name, layer, 'hf')!r})")
-    if tied_head is not None and _EMBED in out:
-        key, head = tied_head
-        if head.shape != out[_EMBED].shape or not np.array_equal(head, out[_EMBED]):
+        errors += [e for e in pool.map(fill, matches) if e is not None]
+    tied = _tied(cfg)
+    for m, head in tied_heads:
+        embed = out.get(tied[1])
+        if embed is not None and not np.array_equal(head, embed.T):
             errors.append(
-                f"{key!r} differs from embed_tokens but text.tie_word_embeddings=True "
+                f"{m.key!r} differs from embed_tokens but text.tie_word_embeddings=True "
                 "(load with an untied config)"
             )
-    if errors:
-        raise CheckpointError(
-            f"checkpoint does not match config ({len(errors)} problems):\n  " + "\n  ".join(errors)
-        )
+    _raise(errors, "checkpoint does not match config")
     return unflatten(out)
+
+
+def check_params(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> list[str]:
+    """Every unexpected, missing or misshapen leaf of a {param path: shape} tree."""
+    want = _target_shapes(cfg)
+    errors = [f"unexpected param {p}" for p in sorted(set(shapes) - set(want))]
+    errors += [f"missing param {p}" for p in sorted(set(want) - set(shapes))]
+    errors += [
+        f"shape mismatch {p}: expected {list(want[p])}, got {list(shapes[p])}"
+        for p in sorted(set(want) & set(shapes))
+        if tuple(shapes[p]) != want[p]
+    ]
+    return errors
 
 
 def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> dict[str, np.ndarray]:
@@ -426,14 +370,7 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> di
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}  # one host copy per leaf
-    shapes = flatten(param_shapes(cfg))
-    errors = [f"unexpected param {p}" for p in sorted(set(flat) - set(shapes))]
-    errors += [f"missing param {p}" for p in sorted(set(shapes) - set(flat))]
-    errors += [
-        f"shape mismatch {p}: expected {list(shapes[p])}, got {list(_shape(flat[p]))}"
-        for p in sorted(set(flat) & set(shapes))
-        if _shape(flat[p]) != shapes[p]
-    ]
+    errors = check_params({k: _shape(v) for k, v in flat.items()}, cfg)
     if errors:
         raise CheckpointError("params do not match config:\n  " + "\n  ".join(errors))
     out: dict[str, np.ndarray] = {}
@@ -463,35 +400,5 @@ def check_hf_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> 
     Lets a converter refuse bad input before reading any tensor data (the tied-head
     equality check still needs the data).
     """
-    full = flatten(param_shapes(cfg))
-    errors: list[str] = []
-    filled: dict[tuple[str, int | None], str] = {}
-    for key, shape in shapes.items():
-        if _DROPPED.search(key):
-            continue
-        hit = lookup(key)
-        if hit is None:
-            errors.append(f"unknown key {key!r}")
-            continue
-        path, layer, tf = hit
-        at = "" if layer is None else f" layer {layer}"
-        if (path, layer) in filled:
-            errors.append(f"duplicate: {filled[path, layer]!r} and {key!r} both fill {path}{at}")
-            continue
-        filled[path, layer] = key
-        if path == _LM_HEAD and cfg.text.tie_word_embeddings:
-            t = full[_EMBED][::-1]  # a tied head must match the embedding
-        elif layer is not None and layer >= full[path][0]:
-            errors.append(f"{key!r}: layer {layer} out of range, config has {full[path][0]} layers")
-            continue
-        else:
-            t = full[path][1:] if layer is not None else full[path]
-        if tuple(shape) != tf.hf_shape(t):
-            errors.append(
-                f"shape mismatch {key!r}: expected {list(tf.hf_shape(t))}, got {list(shape)}"
-            )
-    for name, path, layer, _ in _entries(cfg):
-        if (path, layer) not in filled:
-            at = "" if layer is None else f" layer {layer}"
-            errors.append(f"missing {path}{at} (e.g. {_hf_name(name, layer, 'hf')!r})")
-    return errors
+    matches, errors = _match(iter(shapes), cfg)
+    return errors + [p for m in matches if (p := _shape_problem(m, shapes[m.key])) is not None]

@@ -10,10 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 class DenseGeneral(nn.Module):
     """y = x . kernel (+ bias) contracting the trailing `n_in` axes of x.
 
@@ -139,10 +135,13 @@ def remat_policy(name: str):
     }[name]
 
 
-def scanned(block: type[nn.Module], *, remat: str, length: int, name: str, **kwargs):
+def scanned(
+    block: type[nn.Module], *, remat: str, length: int, name: str, in_axes=nn.broadcast, **kwargs
+):
     """`length` copies of `block` stacked on a leading 'layers' axis and run with nn.scan.
 
-    The block's __call__ is `(carry, *broadcast_args) -> (carry, None)`.
+    The block's __call__ is `(carry, *args) -> (carry, per-layer output or None)`; `in_axes`
+    says which args are broadcast (default: all) and which are scanned on axis 0.
     """
     if remat != "none":
         block = nn.remat(block, policy=remat_policy(remat), prevent_cse=False)
@@ -150,7 +149,7 @@ def scanned(block: type[nn.Module], *, remat: str, length: int, name: str, **kwa
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=nn.broadcast,
+        in_axes=in_axes,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -22,28 +22,30 @@ import jax
 import jax.numpy as jnp
 
 from lov_jax.config import ModelConfig
-from lov_jax.models.projector import MultiModalProjector
-from lov_jax.models.qwen2 import Qwen2Model
-from lov_jax.models.siglip import SiglipVisionTower
+from lov_jax.models import families
+from lov_jax.models.kv_cache import KVCache
 
 
 class LlavaOnevision(nn.Module):
+    """Vision tower, projector and LLM as the config's kinds name them (models/families.py)."""
+
     cfg: ModelConfig
 
     def setup(self):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.vision_tower = SiglipVisionTower(cfg.vision, dtype, pdtype, cfg.remat_policy)
-        self.multi_modal_projector = MultiModalProjector(cfg.text.hidden_size, dtype, pdtype)
+        tower = families.vision(cfg.vision.kind).module
+        self.vision_tower = tower(cfg.vision, dtype, pdtype, cfg.remat_policy)
+        proj = families.projector(cfg.projector).module
+        self.multi_modal_projector = proj(cfg.text.hidden_size, dtype, pdtype)
         self.image_newline = self.param(
             "image_newline",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
             (cfg.text.hidden_size,),
             pdtype,
         )
-        self.language_model = Qwen2Model(
-            cfg.text, dtype, pdtype, cfg.remat_policy, cfg.attention_impl
-        )
+        lm = families.llm(cfg.text.kind).module
+        self.language_model = lm(cfg.text, dtype, pdtype, cfg.remat_policy, cfg.attention_impl)
 
     def encode_crops(self, pixels: jax.Array) -> jax.Array:
         """pixels [B, N, 384, 384, 3] -> projected features float[B, N, 729, H]."""
@@ -62,7 +64,7 @@ class LlavaOnevision(nn.Module):
 
     def embed_inputs(self, tokens, pixels=None, vis_idx=None, vis_w=None) -> jax.Array:
         """Text embeddings with visual tokens replaced by their weighted taps: [B, L, H]."""
-        embeds = self.language_model.embed(tokens)
+        embeds = self.language_model.embed_tokens(tokens)
         if pixels is None or pixels.shape[1] == 0:
             return embeds
         bank = self.feature_bank(pixels)
@@ -73,25 +75,27 @@ class LlavaOnevision(nn.Module):
         is_visual = jnp.any(vis_w != 0, axis=-1, keepdims=True)
         return jnp.where(is_visual, visual.astype(embeds.dtype), embeds)
 
-    def hidden_states(
-        self, tokens, positions, segment_ids, pixels=None, vis_idx=None, vis_w=None
-    ) -> jax.Array:
-        """Final-norm hidden states float[B, L, H] (feed to `logits` or the chunked loss)."""
-        embeds = self.embed_inputs(tokens, pixels, vis_idx, vis_w)
-        return self.language_model(embeds, positions, segment_ids)
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        return self.language_model.logits(hidden)
-
     def head_kernel(self) -> jax.Array:
+        """The LLM's output projection float[H, V] (for the chunked loss)."""
         return self.language_model.head_kernel()
 
-    def __call__(self, tokens, positions, segment_ids, pixels=None, vis_idx=None, vis_w=None):
-        """float32[B, L, V] logits. Materialises the full vocab: use the chunked loss to train."""
-        hidden = self.hidden_states(tokens, positions, segment_ids, pixels, vis_idx, vis_w)
-        if self.is_initializing():
-            self.head_kernel()  # create the untied lm_head during init
-        return self.logits(hidden)
+    def __call__(
+        self,
+        tokens,
+        positions,
+        segment_ids,
+        pixels=None,
+        vis_idx=None,
+        vis_w=None,
+        cache: KVCache | None = None,
+        *,
+        output: str = "logits",
+    ):
+        """The LLM's `output` (qwen2.OUTPUTS) over the merged embeddings; `(out, cache)`
+        with a cache. "logits" materialises float32[B, L, V]: train on "hidden" with the
+        chunked loss."""
+        embeds = self.embed_inputs(tokens, pixels, vis_idx, vis_w)
+        return self.language_model(embeds, positions, segment_ids, cache, output=output)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, *, boxed: bool = False):

@@ -1,4 +1,9 @@
-"""`mlp2x_gelu` projector: Linear(D -> H) -> exact-erf GELU -> Linear(H -> H)."""
+"""Projectors from vision features float[..., D] to LLM embeddings float[..., H].
+
+`mlp2x_gelu` (OneVision, HF LlavaMultiModalProjector): Linear(D -> H) -> exact-erf GELU ->
+Linear(H -> H). `linear` (LLaVA-1.0 `mm_projector_type`): one Linear(D -> H), named
+`linear_1` like the first layer of the MLP. Both run per crop, before any unpad/resize.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,18 @@ class MultiModalProjector(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """float[..., D] -> float[..., H], applied per crop before any unpad/resize."""
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         x = dense(self.hidden_size, axes=("embed", "mlp"), name="linear_1", **kw)(x)
         x = nn.gelu(x, approximate=False)  # HF projector_hidden_act="gelu" (erf)
         return dense(self.hidden_size, axes=("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+class LinearProjector(nn.Module):
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        return dense(self.hidden_size, axes=("embed", "mlp"), name="linear_1", **kw)(x)

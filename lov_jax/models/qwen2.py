@@ -4,11 +4,9 @@ Differences from HF's layout: projection kernels are stored head-split
 (`q_proj.kernel: [H, N, Dh]`, `o_proj.kernel: [N, Dh, H]`) and layers are
 stacked on a leading axis; the converter reshapes/stacks.
 
-KV cache (generation, `lov_jax.inference`): the same modules and params with
-`kv_cache="prefill"` return every layer's post-RoPE keys/values, stacked like
-the params, and with `kv_cache="decode"` read/update a stacked cache
-`(k, v): dtype[L_layers, B, S_max, K, Dh]` that the layer scan slices per layer.
-The default `kv_cache="none"` is the training path, unchanged.
+One call for training, prefill and decode (STYLE.md 17): `cache=None` is the training
+path; with a `KVCache` (lov_jax/models/kv_cache.py) the same params write the new
+tokens' keys/values into it and return `(out, new_cache)`.
 """
 
 from __future__ import annotations
@@ -19,12 +17,13 @@ import jax.numpy as jnp
 
 from lov_jax.config import TextConfig
 from lov_jax.models.attention import dot_product_attention
+from lov_jax.models.kv_cache import CACHE_AXES, KVCache
 from lov_jax.models.layers import RMSNorm, dense, scanned
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
-KV_CACHE_MODES = ("none", "prefill", "decode")
-# Logical names of a stacked cache tensor [L_layers, B, S_max, K, Dh].
-CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_heads", "head_dim")
+# What an LLM call returns: final-norm hidden states float[B, T, H], logits float32[B, T, V],
+# or the logits of the last position only float32[B, 1, V] (left-padded prompts).
+OUTPUTS = ("hidden", "logits", "last_logits")
 
 
 def rope_cos_sin(
@@ -49,35 +48,37 @@ class Qwen2Attention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
-    kv_cache: str = "none"  # one of KV_CACHE_MODES (module docstring)
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, kv_segment_ids=None, cache_index=None):
-        """x [B, T, H] -> [B, T, H]; with a kv_cache mode, (out, (k, v)) as the mode says.
+    def __call__(self, x, cos, sin, segment_ids, kv=None, kv_segment_ids=None, index=None):
+        """x [B, T, H] -> ([B, T, H], this layer's updated (k, v) or None).
 
-        decode: cache = (k, v) dtype[B, S_max, K, Dh]; the T new keys/values are written at
-        slot `cache_index` and queries (segment ids `segment_ids`) attend the whole cache
-        under `kv_segment_ids` int32[B, S_max] and causality from that slot.
+        kv: None (training) or this layer's cache (k, v) dtype[B, S, K, Dh] with slot labels
+        `kv_segment_ids` int32[B, S] and write slot `index` (None: empty, see KVCache).
         """
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        nh, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = dense((nh, hd), axes=("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x)
-        k = dense((kv, hd), axes=("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
-        v = dense((kv, hd), axes=("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        k = dense((kvh, hd), axes=("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
+        v = dense((kvh, hd), axes=("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, N|K, Dh]
-        if self.kv_cache == "decode":
-            k_cache, v_cache = cache  # [B, S_max, K, Dh]
+        new_kv = None
+        if kv is not None:
             update = jax.lax.dynamic_update_slice_in_dim
-            k = update(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = update(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            out = dot_product_attention(
-                q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids=segment_ids,
-                kv_segment_ids=kv_segment_ids, causal=True, q_offset=cache_index, impl="xla",
-            )  # fmt: skip
-        else:
+            start = 0 if index is None else index
+            new_kv = tuple(
+                update(c, t.astype(c.dtype), start, axis=1) for c, t in zip(kv, (k, v), strict=True)
+            )
+        if kv is None or index is None:
             out = dot_product_attention(
                 q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                 impl=self.attention_impl,
+            )  # fmt: skip
+        else:
+            k, v = (t.astype(q.dtype) for t in new_kv)
+            out = dot_product_attention(
+                q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=True,
+                q_offset=index, impl="xla",
             )  # fmt: skip
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", None)
@@ -86,7 +87,7 @@ class Qwen2Attention(nn.Module):
             cfg.hidden_size, axes=("q_heads", "head_dim", "embed"), in_axes=(-2, -1),
             use_bias=False, name="o_proj", **kw,
         )(out)  # fmt: skip
-        return out if self.kv_cache == "none" else (out, (k, v))
+        return out, new_kv
 
 
 class Qwen2MLP(nn.Module):
@@ -111,21 +112,14 @@ class Qwen2DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
-    kv_cache: str = "none"
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, kv_segment_ids=None, cache_index=None):
-        """(x, None) on the training path; (x, (k, v)) with a kv_cache mode (scan outputs)."""
+    def __call__(self, x, cos, sin, segment_ids, kv=None, kv_segment_ids=None, index=None):
+        """(x, this layer's updated (k, v) or None): the scan's carry and per-layer output."""
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        attn = Qwen2Attention(
-            cfg, **kw, attention_impl=self.attention_impl, kv_cache=self.kv_cache, name="self_attn"
-        )
-        kv = None
-        if self.kv_cache == "none":
-            h = attn(h, cos, sin, segment_ids)
-        else:
-            h, kv = attn(h, cos, sin, segment_ids, cache, kv_segment_ids, cache_index)
+        attn = Qwen2Attention(cfg, **kw, attention_impl=self.attention_impl, name="self_attn")
+        h, kv = attn(h, cos, sin, segment_ids, kv, kv_segment_ids, index)
         x = nn.with_logical_constraint(x + h, _ACT)
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
         h = Qwen2MLP(cfg, **kw, name="mlp")(h)
@@ -135,9 +129,8 @@ class Qwen2DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     """Embeddings, stacked decoder layers, final norm and (untied) lm_head.
 
-    Call `embed(tokens)` for input embeddings, `__call__(embeds, positions,
-    segment_ids)` for final hidden states float[B, T, H], `logits(hidden)` for
-    float32[B, T, V].
+    The LLM-family interface (lov_jax/models/families.py): `embed_tokens` (nn.Embed),
+    one `__call__` and `head_kernel()` for the chunked loss.
     """
 
     cfg: TextConfig
@@ -145,12 +138,9 @@ class Qwen2Model(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: str = "xla"
-    kv_cache: str = "none"  # "prefill" / "decode": use `forward_with_cache` (same params)
 
     def setup(self):
         cfg = self.cfg
-        if self.kv_cache not in KV_CACHE_MODES:
-            raise ValueError(f"kv_cache {self.kv_cache!r} not in {KV_CACHE_MODES}")
         init = nn.with_logical_partitioning
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
@@ -159,61 +149,59 @@ class Qwen2Model(nn.Module):
             param_dtype=self.param_dtype,
             embedding_init=init(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        layer_kw = {"cfg": cfg, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        if self.kv_cache == "decode":
-            # The stacked cache is scanned with the params (axis 0 = layer); the rest is shared.
-            self.layers = nn.scan(
-                Qwen2DecoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(name="layers", kv_cache="decode", **layer_kw)
-        else:
-            self.layers = scanned(
-                Qwen2DecoderLayer,
-                remat=self.remat,
-                length=cfg.num_layers,
-                name="layers",
-                attention_impl=self.attention_impl,
-                kv_cache=self.kv_cache,
-                **layer_kw,
-            )
+        # (cos, sin, segment_ids) broadcast; the cache's (k, v) scanned on the layer axis;
+        # its slot labels and write index broadcast.
+        bcast = nn.broadcast
+        self.layers = scanned(
+            Qwen2DecoderLayer,
+            remat=self.remat,
+            length=cfg.num_layers,
+            name="layers",
+            in_axes=(bcast, bcast, bcast, 0, bcast, bcast),
+            cfg=cfg,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+        )
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _HeadKernel(cfg.hidden_size, cfg.vocab_size, self.param_dtype)
 
-    def embed(self, tokens: jax.Array) -> jax.Array:
-        return self.embed_tokens(tokens)
-
-    def __call__(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array):
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        x = nn.with_logical_constraint(embeds.astype(self.dtype), _ACT)
-        x, _ = self.layers(x, cos, sin, segment_ids)
-        return self.norm(x)
-
-    def forward_with_cache(
-        self, embeds, positions, segment_ids, cache=None, kv_segment_ids=None, cache_index=None
+    def __call__(
+        self,
+        inputs: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        output: str = "logits",
     ):
-        """Hidden states float[B, T, H] and the stacked keys/values, per `kv_cache` mode.
+        """inputs: int32[B, T] token ids or float[B, T, H] input embeddings.
 
-        prefill: returns (hidden, (k, v)) with k, v dtype[L_layers, B, T, K, Dh]; segment_ids
-            int32[B, T] masks padding (0) as in `__call__`.
-        decode: cache (k, v) dtype[L_layers, B, S_max, K, Dh]; the T new tokens go to slots
-            cache_index..cache_index+T-1; kv_segment_ids int32[B, S_max] labels the slots
-            (0 = padding); returns (hidden, updated cache).
+        positions, segment_ids: int32[B, T] (RoPE positions; 1..S per packed sample, 0 =
+        padding). Returns the `output` (one of OUTPUTS) and, when a cache is given, the
+        cache holding the T new tokens at slots index..index+T-1 as well.
         """
-        if self.kv_cache == "none":
-            raise ValueError("forward_with_cache needs kv_cache='prefill' or 'decode'")
+        if output not in OUTPUTS:
+            raise ValueError(f"output {output!r} not in {OUTPUTS}")
+        x = inputs
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            x = self.embed_tokens(x)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        x = nn.with_logical_constraint(embeds.astype(self.dtype), _ACT)
-        if self.kv_cache == "prefill":
-            x, kv = self.layers(x, cos, sin, segment_ids)
-        else:
-            x, kv = self.layers(x, cos, sin, segment_ids, cache, kv_segment_ids, cache_index)
-        kv = tuple(nn.with_logical_constraint(t, CACHE_AXES) for t in kv)
-        return self.norm(x), kv
+        x = nn.with_logical_constraint(x.astype(self.dtype), _ACT)
+        kv, kv_seg, index = (None, None, None) if cache is None else (
+            (cache.k, cache.v), cache.segment_ids, cache.index
+        )  # fmt: skip
+        x, new_kv = self.layers(x, cos, sin, segment_ids, kv, kv_seg, index)
+        x = self.norm(x)
+        if self.is_initializing():
+            self.head_kernel()  # create the untied lm_head whatever the output
+        if output != "hidden":
+            x = self._logits(x[:, -1:] if output == "last_logits" else x)
+        if cache is None:
+            return x
+        k, v = (nn.with_logical_constraint(t, CACHE_AXES) for t in new_kv)
+        return x, cache.written(k, v, inputs.shape[1])
 
     def head_kernel(self) -> jax.Array:
         """The output projection as float[H, V] (tied: embed_tokens transposed)."""
@@ -221,7 +209,7 @@ class Qwen2Model(nn.Module):
             return self.embed_tokens.embedding.T
         return self.lm_head()
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def _logits(self, hidden: jax.Array) -> jax.Array:
         kernel = self.head_kernel().astype(self.dtype)
         out = jnp.einsum("BTH,HV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(

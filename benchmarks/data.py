@@ -7,7 +7,7 @@ image preprocessing speed vs HF.
    our balanced greedy packer at L tokens / N crops per row, Grain-style first-fit
    (128 open bins, flushed when an element fits none) on the same two budgets, and
    LLaVA-NeXT's scheme (modality-grouped, length-sorted megabatches, padded to the
-   longest; REFERENCE.md 7.3) at the OV recipe's batch 1/device on 128 devices and at
+   longest; docs/reference.md 7.3) at the OV recipe's batch 1/device on 128 devices and at
    batch 4/device.
 2. Throughput: packing + row assembly (zero crops), and the full pipeline with real
    image/video preprocessing of generated images (no file decoding), per CPU core.

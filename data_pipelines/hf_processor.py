@@ -1,11 +1,11 @@
-"""llava-hf processor files and an offline `LlavaOnevisionProcessor` (REFERENCE.md 7.1).
+"""llava-hf processor files and an offline `LlavaOnevisionProcessor` (docs/reference.md 7.1).
 
 `save_hf_processor_files(dir, cfg)` writes what a llava-hf OneVision checkpoint carries
 next to config.json / weights: the tokenizer files (data_pipelines/tokenizer.py),
 `preprocessor_config.json` and `processor_config.json`. A directory produced by
 `save_pretrained` of a (tiny) HF model plus these files is a complete llava-hf checkpoint.
 
-`load_hf_processor(dir)` builds the processor offline. Environment deviation (DESIGN.md 7):
+`load_hf_processor(dir)` builds the processor offline. Environment deviation (docs/design.md 7):
 torchvision is not installed, so the image processor is the PIL backend
 (`LlavaOnevisionImageProcessorPil`, which matches the original LLaVA-NeXT code) and there
 is no HF video processor. `ProcessorMixin.__init__` type-checks every sub-processor and

@@ -1,7 +1,7 @@
 """HF-compatible image/video preprocessing on the host (numpy + Pillow), channels-last.
 
 Pixel-exact with `transformers.LlavaOnevisionImageProcessorPil` (the PIL backend, which
-matches the original LLaVA-NeXT code; REFERENCE.md 2, 4.1, 5.2). Crops stay uint8 until
+matches the original LLaVA-NeXT code; docs/reference.md 2, 4.1, 5.2). Crops stay uint8 until
 `normalize`, so the host can ship uint8 pixels and the device normalises the same way.
 
 Layout deviation from HF: crops are uint8[n, 384, 384, 3] (channels-last), HF's
@@ -57,7 +57,7 @@ def _resize_output_size(size_hw: tuple[int, int], target_hw: tuple[int, int]) ->
 def anyres_crops(
     image: Image.Image | np.ndarray, cfg: ModelConfig
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Higher AnyRes crops (REFERENCE.md 2.2-2.4).
+    """Higher AnyRes crops (docs/reference.md 2.2-2.4).
 
     Returns (crops uint8[1 + gh*gw, S, S, 3], (H, W) of the original), S = image_size.
     crops[0] is the original resized straight to SxS (aspect not kept); crops[1:] are
@@ -85,7 +85,7 @@ def square_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray
 
 
 def pad_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Multi-image crop (REFERENCE.md 4): pad to square with PAD_COLOR, then resize to S.
+    """Multi-image crop (docs/reference.md 4): pad to square with PAD_COLOR, then resize to S.
 
     The image is centred at floor((L - short) / 2). Returns uint8[1, S, S, 3].
     """
@@ -103,7 +103,7 @@ def pad_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 
 def video_frames(frames: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Per-frame bicubic resize straight to SxS (REFERENCE.md 5.2).
+    """Per-frame bicubic resize straight to SxS (docs/reference.md 5.2).
 
     frames: uint8[F, H, W, 3] (or a sequence of PIL images). Returns uint8[F, S, S, 3].
     """

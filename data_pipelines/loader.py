@@ -9,7 +9,7 @@
       .mp_prefetch(num_workers)           worker w decodes k = w, w + W, ...; order kept
     PackedBatchIterDataset                main process: balanced greedy packing + batching
 
-Every batch is a dict of numpy arrays in the contract's fixed shapes (DESIGN.md 2):
+Every batch is a dict of numpy arrays in the contract's fixed shapes (docs/design.md 2):
 tokens/targets int32[B, L], loss_mask float32[B, L], segment_ids/positions int32[B, L],
 pixels uint8[B, N, 384, 384, 3], vis_idx int32[B, L, 4], vis_w float32[B, L, 4].
 
@@ -219,7 +219,7 @@ class PackedBatchIterDataset(grain.IterDataset):
 
 
 def _mark_flags_parsed() -> None:
-    # Grain's worker processes read absl flags (DESIGN.md 7).
+    # Grain's worker processes read absl flags (docs/design.md 7).
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

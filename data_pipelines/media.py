@@ -33,7 +33,7 @@ FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclasses.dataclass(frozen=True)
 class VideoOptions:
-    """Frame sampling (REFERENCE.md 5.1, orig training defaults).
+    """Frame sampling (docs/reference.md 5.1, orig training defaults).
 
     fps:             target sampling rate; every round(native_fps / fps)-th frame.
     frames_upbound:  cap; above it (or with `force_sample`) frames are

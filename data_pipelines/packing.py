@@ -1,4 +1,4 @@
-"""Pack Samples into fixed-shape rows with two budgets: L tokens and N crops (DESIGN.md 2).
+"""Pack Samples into fixed-shape rows with two budgets: L tokens and N crops (docs/design.md 2).
 
 Rows follow the batch contract (`lov_jax.batch`: keys, dtypes, shapes, bank rows); B
 rows are built by `empty_rows` and filled by `write_row`. Within a row:

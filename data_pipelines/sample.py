@@ -2,7 +2,7 @@
 
 A `Sample` is one training/eval example after media decoding, preprocessing,
 chat templating, placeholder expansion and loss masking; the packer only moves
-these arrays into rows (DESIGN.md 2) and never looks inside the media.
+these arrays into rows (docs/design.md 2) and never looks inside the media.
 """
 
 from __future__ import annotations

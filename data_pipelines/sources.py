@@ -2,7 +2,7 @@
 
 Every source has `__len__` and `__getitem__(i) -> record dict` (Grain's
 `RandomAccessDataSource` protocol; `grain.MapDataset.source(src)` takes it as is). A
-record is the LLaVA layout (REFERENCE.md 7.3):
+record is the LLaVA layout (docs/reference.md 7.3):
 
     {"id": str, "image": ref | [ref, ...] (optional), "video": ref (optional),
      "conversations": [{"from": "human"|"gpt", "value": str}, ...]}

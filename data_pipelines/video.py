@@ -45,7 +45,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 4) -> None:
         container.mux(stream.encode())
 
 
-# ---- training-time sampling (REFERENCE.md 5.1, orig `process_video_with_decord`) --------
+# ---- training-time sampling (docs/reference.md 5.1, orig `process_video_with_decord`) --------
 
 
 def training_frame_indices(

@@ -1,4 +1,4 @@
-"""The packed batch contract (DESIGN.md 2): keys, dtypes, shapes and feature-bank rows.
+"""The packed batch contract (docs/design.md 2): keys, dtypes, shapes and feature-bank rows.
 
 Every training / eval batch is a dict of fixed-shape arrays, per row b of B:
 

@@ -2,7 +2,7 @@
 
 Both sides start from the same raw inputs (prompt text, image files, a video
 file). HF's video processor needs torchvision, which we never install, so for
-video both models get the frames from our preprocessing (REFERENCE.md 5.2: a
+video both models get the frames from our preprocessing (docs/reference.md 5.2: a
 plain bicubic resize per frame) and HF's `<video>` placeholder is expanded here.
 """
 

@@ -1,7 +1,7 @@
 """Host-side visual token layout: 4-tap gathers that reproduce HF's feature packing.
 
 Every visual token the LLM sees is a fixed linear combination of at most four rows of
-a per-row feature bank (DESIGN.md 1-2):
+a per-row feature bank (docs/design.md 1-2):
 
     bank = concat(projected.reshape(N * P*P, C), image_newline[None], zeros[1, C])
 
@@ -10,7 +10,7 @@ Patch p = y*P + x of crop slot c sits at bank row c*P*P + p; the newline is row
 `N*P*P` and a zero row is `N*P*P + 1`. A visual token is
 `sum_i vis_w[i] * bank[vis_idx[i]]`.
 
-That covers all of REFERENCE.md 3-5: anyres re-assembly and unpadding are index
+That covers all of docs/reference.md 3-5: anyres re-assembly and unpadding are index
 arithmetic, the anyres_max_N downsample and the 27->14 video pool are PyTorch bilinear
 (align_corners=False, antialias=False) i.e. separable 2-tap per axis, and the newline is
 one bank row. Everything depends only on image sizes and frame counts, so it lives
@@ -67,7 +67,7 @@ class VisualItem:
 def select_best_resolution(
     size_hw: tuple[int, int], pinpoints: Sequence[tuple[int, int]]
 ) -> tuple[int, int]:
-    """HF `select_best_resolution` (REFERENCE.md 2.2): max effective, then min wasted area.
+    """HF `select_best_resolution` (docs/reference.md 2.2): max effective, then min wasted area.
 
     Pinpoints are (h, w); the first candidate wins ties. Returns (best_h, best_w).
     """
@@ -100,7 +100,7 @@ class _AnyresGeometry:
 
 
 def _anyres_geometry(size_hw: tuple[int, int], cfg: ModelConfig) -> _AnyresGeometry:
-    """REFERENCE.md 3.2-3.4 on sizes only (Python ints/floats, as HF after `.tolist()`)."""
+    """docs/reference.md 3.2-3.4 on sizes only (Python ints/floats, as HF after `.tolist()`)."""
     p = cfg.vision.patches_per_side
     orig_h, orig_w = (int(s) for s in size_hw)
     gh, gw = anyres_grid((orig_h, orig_w), cfg)
@@ -133,7 +133,7 @@ def num_crops(item: VisualItem, cfg: ModelConfig) -> int:
 
 
 def num_tokens(item: VisualItem, cfg: ModelConfig) -> int:
-    """Exact placeholder count (REFERENCE.md 3.5/3.7/3.8, 4, 5.4)."""
+    """Exact placeholder count (docs/reference.md 3.5/3.7/3.8, 4, 5.4)."""
     n_patch = cfg.vision.num_patches
     if item.kind == "anyres":
         out_h, out_w = _anyres_geometry(item.image_size, cfg).out
@@ -220,7 +220,7 @@ def item_taps(
             parts.append(newline)  # HF pack_image_features, single-crop branch
     elif item.kind == "video":
         # HF apply_pooling: per frame [P, P] -> bilinear [S, S], row-major; frames are
-        # flattened and ONE newline closes the whole video (REFERENCE.md 5.3).
+        # flattened and ONE newline closes the whole video (docs/reference.md 5.3).
         s = cfg.video_pool_size
         ty = tx = _bilinear_taps_1d_f64(p, s)
         parts = []
@@ -245,7 +245,7 @@ def item_taps(
             return slot * npatch + (yy % p) * p + (xx % p)
 
         idx, w = _taps_2d(ty, tx, bank_index)
-        # One newline column at the end of every output row (REFERENCE.md 3.5).
+        # One newline column at the end of every output row (docs/reference.md 3.5).
         idx = np.concatenate([idx, np.broadcast_to(newline[0], (out_h, 1, 4))], axis=1)
         w = np.concatenate([w, np.broadcast_to(newline[1], (out_h, 1, 4))], axis=1)
         parts = [_copy_taps(base, npatch), (idx.reshape(-1, 4), w.reshape(-1, 4))]

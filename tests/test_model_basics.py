@@ -23,7 +23,7 @@ from lov_jax.token_ids import TokenIds
 @pytest.mark.parametrize(
     "name, published",
     # 0.5B: 893.7M with the tied head (= the 1.79 GB fp16 hub file); 7B: 8.03B (4 shards,
-    # 16.06 GB); 72B: 73.2B. REFERENCE.md 1.3.
+    # 16.06 GB); 72B: 73.2B. docs/reference.md 1.3.
     [("ov_0_5b", 893.7e6), ("ov_7b", 8.031e9), ("ov_72b", 73.18e9)],
 )
 def test_preset_parameter_counts(name, published):

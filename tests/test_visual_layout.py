@@ -221,7 +221,7 @@ def test_pack_sizes_cover_branches():
             flags.add("1xK")
         if size[0] == size[1]:
             flags.add("square")
-    # Odd padding: (cur - new) is odd, so the kept size is new + 1 (REFERENCE.md 3.3).
+    # Odd padding: (cur - new) is odd, so the kept size is new + 1 (docs/reference.md 3.3).
     odd = False
     for h, w in PACK_SIZES:
         gh, gw = anyres_grid((h, w), CFG)

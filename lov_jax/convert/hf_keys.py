@@ -1,7 +1,7 @@
 """HF <-> lov_jax parameter conversion: the families' key tables filled into
 `abstract_params` (STYLE.md 6).
 
-Every accepted HF layout (REFERENCE.md 9) is first canonicalised by stripping its
+Every accepted HF layout (docs/reference.md 9) is first canonicalised by stripping its
 prefix (`_PREFIXES`), then the config's families' key tables (lov_jax/convert/key_tables.py,
 picked by lov_jax/models/families.py) map each canonical name to our param path, an
 optional layer index (layers are stacked on a leading axis for `nn.scan`) and a
@@ -295,7 +295,7 @@ def hf_to_params(
     *,
     dtype: str | np.dtype | None = None,
 ) -> dict:
-    """HF state dict (any layout of REFERENCE.md 9) -> nested dict of numpy arrays.
+    """HF state dict (any layout of docs/reference.md 9) -> nested dict of numpy arrays.
 
     Values may be arrays, torch tensors, or zero-argument callables returning one.
     Keeps each source dtype unless `dtype` ("float32", "bfloat16", ...) is given.

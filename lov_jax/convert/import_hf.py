@@ -1,4 +1,4 @@
-"""`lov-jax convert hf-to-orbax`: HF safetensors (any layout of REFERENCE.md 9) -> Orbax.
+"""`lov-jax convert hf-to-orbax`: HF safetensors (any layout of docs/reference.md 9) -> Orbax.
 
 Memory: tensors are read one at a time into owned buffers (no file mapping kept
 alive) and written straight into the stacked leaves, so the peak is about one copy

@@ -25,7 +25,7 @@ is a manager root. Assets are looked up in the step dir, then the manager root,
 then the workdir (training copies the tokenizer files to one of these).
 
 The vocabulary size and tying come from the stored shapes (embedding rows; an
-`lm_head` leaf or not), overriding the config (REFERENCE.md 1.3).
+`lm_head` leaf or not), overriding the config (docs/reference.md 1.3).
 """
 
 from __future__ import annotations

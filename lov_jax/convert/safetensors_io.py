@@ -239,7 +239,7 @@ def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint, hf_dir: Path) 
     and the special ids from the directory's files (`lov_jax.token_ids.read_token_ids`).
 
     `text.vocab_size` comes from the embedding tensor, not config.json (the lmms-lab
-    7B config lacks it, REFERENCE.md 1.3). When config.json has no tie flag, the
+    7B config lacks it, docs/reference.md 1.3). When config.json has no tie flag, the
     model is tied iff the checkpoint has no lm_head tensor.
     """
     from lov_jax.token_ids import read_token_ids

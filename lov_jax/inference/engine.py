@@ -1,6 +1,6 @@
 """Prefill + KV-cache decode under `jax.jit`, with shape buckets and mesh sharding.
 
-A batch of prompts is LEFT padded to a prompt-length bucket P (REFERENCE.md 6.1:
+A batch of prompts is LEFT padded to a prompt-length bucket P (docs/reference.md 6.1:
 positions = cumsum(mask) - 1, padding masked through segment id 0) and its crops to a
 crop-count bucket N, so a long eval compiles once per (B, P, N, M) and not per sample.
 

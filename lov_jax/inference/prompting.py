@@ -17,7 +17,7 @@ The text is rendered by the checkpoint's own jinja chat template (exactly as HF'
 `conv_template` (data_pipelines/chat_template.py). The i-th image placeholder of the
 rendered ids takes the i-th image, the j-th video placeholder the j-th video (HF's
 processor consumes them the same way). As in HF, a prompt with exactly one image runs it
-through anyres_max_9; several images get one padded crop each (docs: REFERENCE.md 4.2).
+through anyres_max_9; several images get one padded crop each (docs: docs/reference.md 4.2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LLaVA-OneVision: SigLIP over every crop, projector per crop, 4-tap visual gather, Qwen-2.
 
-Batch contract (DESIGN.md 2), per row b of B:
+Batch contract (docs/design.md 2), per row b of B:
     tokens       int32[B, L]     placeholders already expanded
     positions    int32[B, L]     RoPE positions (restart per packed segment)
     segment_ids  int32[B, L]     1..S per packed sample, 0 = padding

@@ -1,4 +1,4 @@
-"""Qwen-2 decoder (REFERENCE.md 1.3) with segment-aware causal attention.
+"""Qwen-2 decoder (docs/reference.md 1.3) with segment-aware causal attention.
 
 Differences from HF's layout: projection kernels are stored head-split
 (`q_proj.kernel: [H, N, Dh]`, `o_proj.kernel: [N, Dh, H]`) and layers are

@@ -1,8 +1,8 @@
-"""SigLIP vision tower as OneVision uses it (REFERENCE.md 1.1).
+"""SigLIP vision tower as OneVision uses it (docs/reference.md 1.1).
 
 Features are the output of the last (26th) encoder layer BEFORE
 `post_layernorm`; `post_layernorm` params are kept only so checkpoints round-trip
-exactly (TGI once applied them by mistake: REFERENCE.md 11.5).
+exactly (TGI once applied them by mistake: docs/reference.md 11.5).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     # num_devices < 0: every device.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": -1})
     # Number of slices (multi-slice TPU, or hosts of a GPU cluster): the data axis across
-    # DCN, so the global data axis is dcn_data * data (lov_jax.distributed.mesh_from_config).
+    # DCN, so the global data axis is dcn_data * data (lov_jax.sharding.mesh_from_config).
     c.mesh.dcn_data = 1
 
     c.data = ml_collections.ConfigDict(

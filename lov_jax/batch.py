@@ -128,8 +128,8 @@ def check_batch(batch: dict, cfg: ModelConfig, *, micro_batched: bool = False) -
                 problems.append(f"{k}: shape {tuple(got.shape)}, expected [..]{shape}")
             if np.dtype(got.dtype) != np.dtype(FIELDS[k][0]):
                 problems.append(f"{k}: dtype {got.dtype}, expected {np.dtype(FIELDS[k][0])}")
-        if "vis_idx" in batch:
-            idx = np.asarray(batch["vis_idx"])
+        if isinstance(batch.get("vis_idx"), np.ndarray):  # abstract batches have no values
+            idx = batch["vis_idx"]
             top = bank_rows(crops, cfg.vision.num_patches)
             if idx.size and (idx.min() < 0 or idx.max() >= top):
                 problems.append(f"vis_idx: taps outside the bank rows [0, {top})")

@@ -1,7 +1,7 @@
 """Host-side visual token layout: 4-tap gathers that reproduce HF's feature packing.
 
 Every visual token the LLM sees is a fixed linear combination of at most four rows of
-a per-row feature bank (docs/design.md 1-2):
+a per-row feature bank (docs/design.md 1-2; its rows are `lov_jax.batch`'s):
 
     bank = concat(projected.reshape(N * P*P, C), image_newline[None], zeros[1, C])
 
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lov_jax import batch
 from lov_jax.config import ModelConfig
 
 KINDS = ("anyres", "square", "pad", "video")
@@ -264,7 +265,7 @@ def row_layout(
     Returns (idx int32[T_total, 4], w float32[T_total, 4]) concatenated in item order.
     """
     npatch = cfg.vision.num_patches
-    newline_index = num_crop_slots * npatch
+    newline_index = batch.newline_row(num_crop_slots, npatch)
     crops = [num_crops(it, cfg) for it in items]
     if crop_offset + sum(crops) > num_crop_slots:
         raise ValueError(
@@ -303,7 +304,7 @@ def place_taps(
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     npatch = cfg.vision.num_patches
-    zero_index = num_crop_slots * npatch + 1
+    zero_index = batch.zero_row(num_crop_slots, npatch)
     ids = cfg.ids
     is_img = tokens == ids.image
     is_vid = np.zeros_like(is_img) if ids.video is None else tokens == ids.video

@@ -39,7 +39,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.serialization import type_handler_registry, type_handlers
 
 from lov_jax.config import ModelConfig
 from lov_jax.convert.hf_keys import CheckpointError, check_params, flatten, unflatten
@@ -57,11 +56,11 @@ def _params_handler() -> ocp.PyTreeCheckpointHandler:
     # Orbax deep-copies numpy leaves before writing and zstd-compresses chunks; each
     # costs a full extra copy of the params in RAM (measured 2-3x peak), and random
     # or trained 16-bit weights barely compress. Our leaves are never mutated while saving.
-    reg = type_handler_registry.create_type_handler_registry(
-        *(
-            (ty, type_handlers.NumpyHandler(deepcopy_host_arrays=False) if ty is np.ndarray else h)
-            for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS
-        )
+    # Params trees hold only numpy and jax arrays (the leaf types this handler saves).
+    th = ocp.type_handlers
+    reg = th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, th.ArrayHandler()),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=reg, use_compression=False)
 

@@ -14,11 +14,15 @@ import jax.numpy as jnp
 from lov_jax.models.layers import dense
 
 
-class MultiModalProjector(nn.Module):
+class _Projector(nn.Module):
+    """The projector-family constructor: (hidden_size H, dtype, param_dtype)."""
+
     hidden_size: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
+
+class MultiModalProjector(_Projector):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
@@ -27,11 +31,7 @@ class MultiModalProjector(nn.Module):
         return dense(self.hidden_size, axes=("mlp", "embed"), name="linear_2", **kw)(x)
 
 
-class LinearProjector(nn.Module):
-    hidden_size: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
+class LinearProjector(_Projector):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}

@@ -182,7 +182,7 @@ def test_buckets_bound_compilations(model):
 def test_build_batch_left_pads_with_mask_positions(model):
     cfg = model.cfg
     a, b = _inputs(text_sample()), _inputs(single_image_sample(200, 300, cfg))
-    batch = build_batch([a, b], cfg, length=2048, num_crops=4, batch_size=3)
+    batch = build_batch([a, b], cfg, length=2048, num_crops=4, batch_size=3, pad_id=cfg.ids.pad)
     n = len(a.tokens)
     assert (batch["mask"][0, -n:] == 1).all() and (batch["mask"][0, :-n] == 0).all()
     np.testing.assert_array_equal(batch["positions"][0, -n:], np.arange(n))
@@ -221,18 +221,17 @@ def test_sampling_generation_is_seeded(model):
 def test_generate_api_and_cli(model, tmp_path, capsys):
     from PIL import Image
 
-    from data_pipelines.tokenizer import build_qwen2_tokenizer
     from lov_jax import cli
-    from lov_jax.inference import generate
+    from lov_jax.inference import Prompter, generate
 
-    tok = build_qwen2_tokenizer()
     image = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8)).save(image)
     messages = [
         {"role": "user", "content": [{"type": "image", "image": str(image)},
                                      {"type": "text", "text": "What is this?"}]}
     ]  # fmt: skip
-    kw = {"tokenizer": tok, "max_new_tokens": 6, "generator": model.gen}
+    kw = {"prompter": Prompter.from_checkpoint(model.dir), "max_new_tokens": 6,
+          "generator": model.gen}  # fmt: skip
     text = generate(model.params, model.cfg, messages, **kw)
     assert isinstance(text, str)
     assert generate(model.params, model.cfg, ("What is this?", [str(image)]), **kw) == text

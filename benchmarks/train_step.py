@@ -44,6 +44,7 @@ from lov_jax.convert.safetensors_io import write_safetensors
 from lov_jax.models.llava_onevision import abstract_params, count_params, init_params
 from lov_jax.sharding import make_mesh
 from lov_jax.testing.hf_checkpoints import our_batch, single_image_sample
+from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.train import metrics
 from lov_jax.train.step import Trainer, stack_micro_batches
 
@@ -54,6 +55,11 @@ MAX_GRAD_NORM = 1.0  # = stage2_ov optim.max_grad_norm, applied on the HF side t
 
 
 def model_config(name: str) -> config.ModelConfig:
+    """The preset (or the 100m sizes) with Qwen-2's special ids: the prompts are Qwen ChatML."""
+    return _sizes(name).replace(token_ids=qwen2_token_ids())
+
+
+def _sizes(name: str) -> config.ModelConfig:
     if name == "100m":
         vision = config.VisionConfig(
             hidden_size=384, intermediate_size=1536, num_layers=4, num_heads=6

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lov_jax.batch import newline_row
+
 
 class SyntheticBatches:
     """Deterministic batches in the contract; batch i depends only on (seed, i).
@@ -36,7 +38,7 @@ class SyntheticBatches:
         vis_w[:, 2:12] = rng.random((b, 10, 4))
         p, size = self.patches, self.image_size
         vis_idx = rng.integers(0, n * p, (b, L, 4)).astype(np.int32)
-        vis_idx[:, 12], vis_w[:, 12] = n * p, (1, 0, 0, 0)  # an image_newline token
+        vis_idx[:, 12], vis_w[:, 12] = newline_row(n, p), (1, 0, 0, 0)  # an image_newline token
         batch = {
             "tokens": tokens,
             "targets": np.roll(tokens, -1, 1),

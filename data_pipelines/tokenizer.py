@@ -9,7 +9,7 @@ vocabulary as Qwen2/Qwen2.5):
   only lower ranks allowed (it must end in exactly two parts). This gives 151387 merges,
   the size of Qwen2's `merges.txt`; a `tokenizers` BPE with them (`ignore_merges=False`,
   as Qwen2's tokenizer.json and as transformers 5 rebuilds `Qwen2Tokenizer`) encodes
-  exactly like tiktoken (tests/test_tokenizer.py);
+  exactly like tiktoken (tests/data/test_tokenizer.py);
 * NFC normaliser, Qwen's pre-tokenizer regex (digits split one by one), ByteLevel
   pre-tokenizer/decoder without prefix space;
 * special tokens: Qwen2-Instruct's three (`<|endoftext|>`, `<|im_start|>`,

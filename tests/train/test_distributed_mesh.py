@@ -19,7 +19,7 @@ from configs import common
 from lov_jax import sharding
 from lov_jax.sharding import make_mesh, mesh_from_config, parse_mesh
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Synthetic, resumable host-batch iterator for training tests."""
+"""Synthetic, resumable host batches in the contract (lov_jax/batch.py), for training tests."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from lov_jax import plan, sharding
 from lov_jax.plan import commands, topology
 from lov_jax.train.config_loading import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 needs_libtpu = pytest.mark.skipif(
     not plan.libtpu_available(),
     reason="libtpu not installed (pip install -e .[tpu]): cannot AOT-compile for TPU",

@@ -13,11 +13,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from train_utils import SyntheticBatches
 
 from configs import stage1, stage2_ov
 from lov_jax import config, sharding
 from lov_jax.models.llava_onevision import init_params
+from lov_jax.testing.batches import SyntheticBatches
 from lov_jax.testing.tokenizers import qwen2_token_ids
 from lov_jax.train import checkpoint, metrics
 from lov_jax.train.loop import NonFiniteLossError, run_training
@@ -173,7 +173,7 @@ _RESUME_SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    from train_utils import SyntheticBatches
+    from lov_jax.testing.batches import SyntheticBatches
     from test_train import _run_config, _init, CFG
     from lov_jax.train.loop import run_training
 

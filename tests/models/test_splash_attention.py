@@ -17,12 +17,12 @@ import pytest
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from train_utils import SyntheticBatches
 
 from lov_jax import config, sharding
 from lov_jax.models import splash
 from lov_jax.models.attention import dot_product_attention
 from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params, init_params
+from lov_jax.testing.batches import SyntheticBatches
 from lov_jax.train.step import loss_terms
 
 ATOL = 2e-5

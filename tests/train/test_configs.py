@@ -11,7 +11,7 @@ import pytest
 from configs import common, demo, stage1, stage1_5, stage2_ov, stage2_si
 from lov_jax.train.config_loading import UnknownConfigField, apply_overrides, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = {"stage1": stage1, "stage1_5": stage1_5, "stage2_si": stage2_si, "stage2_ov": stage2_ov}
 
 

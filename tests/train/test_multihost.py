@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
+REPO = TESTS.parents[1]
 STEPS, RESUMED_STEPS = 3, 5
 
 
@@ -82,9 +82,8 @@ def _worker(workdir: str, task: str) -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from train_utils import SyntheticBatches
-
     from lov_jax import config, sharding
+    from lov_jax.testing.batches import SyntheticBatches
     from lov_jax.train.loop import run_training
 
     assert jax.process_count() == (2 if multi else 1) and jax.device_count() == 8

@@ -29,7 +29,7 @@ from lov_jax.testing.hf_checkpoints import make_tiny_hf
 from lov_jax.testing.tokenizers import small_bpe
 from lov_jax.token_ids import TokenIdError, TokenIds, read_token_ids
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (name, tokenizer spec): vocab sizes, id placements and eos counts unlike Qwen-2's.
 SPECS = {

@@ -228,7 +228,7 @@ def test_reason_names_are_one_closed_set():
     """Every reason named in data_pipelines/ and lov_jax/ is a `sample.Reason`: literal first
     arguments of BadSample / Skipped / BadRecord / count_skip, `"reason": ...` values and
     Reason.X attributes; an unknown name is refused at construction."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     names, seen = {r.value for r in Reason}, []
     for path in [*root.joinpath("data_pipelines").rglob("*.py"),
                  *root.joinpath("lov_jax").rglob("*.py")]:  # fmt: skip

@@ -254,3 +254,19 @@ def test_no_special_id_literals_outside_tests():
     )  # fmt: skip
     assert out.stdout == "", out.stdout
     assert re.search(r"\b15164[3-7]\b", "x = 151645")  # the pattern itself works
+
+
+def test_named_conv_template_gives_the_jinja_ids(ckpt, media, tmp_path):
+    """`--conv-template qwen_1_5` without its system prompt is llava-hf's ChatML jinja;
+    a checkpoint with neither template is an error naming both options."""
+    hf_dir, spec = ckpt
+    cfg, _ = load_pretrained(hf_dir)
+    request = ("Compare <image> with <image>.", media[0][:2], [])
+    if "im_start" in spec.chat_template:
+        jinja = Prompter.from_checkpoint(hf_dir).encode(cfg, request)
+        named = Prompter.from_checkpoint(hf_dir, conv_template="qwen_1_5", system="")
+        np.testing.assert_array_equal(named.encode(cfg, request).tokens, jinja.tokens)
+    bare = Prompter.from_checkpoint(hf_dir)
+    bare = Prompter(bare.tokenizer, None, None, bare.special_tokens)
+    with pytest.raises(ValueError, match="chat_template.jinja.*--conv-template"):
+        bare.encode(cfg, request)

@@ -84,6 +84,7 @@ def _worker(workdir: str, task: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from lov_jax import config, sharding
     from lov_jax.testing.batches import SyntheticBatches
+    from lov_jax.testing.tokenizers import qwen2_token_ids
     from lov_jax.train.loop import run_training
 
     assert jax.process_count() == (2 if multi else 1) and jax.device_count() == 8
@@ -99,7 +100,7 @@ def _worker(workdir: str, task: str) -> None:
             return SyntheticBatches(rows=4, seed=rank)
         return _Concat([SyntheticBatches(rows=4, seed=0), SyntheticBatches(rows=4, seed=1)])
 
-    cfg, stage = config.demo(), _config(multi)
+    cfg, stage = config.demo(token_ids=qwen2_token_ids()), _config(multi)
     if not multi:  # the reference runs uninterrupted
         ref = run_training(stage, cfg, workdir, data(), _init, RESUMED_STEPS, progress=False)
         out = {"process": rank, "losses": ref.losses, "resumed_from": None}
@@ -118,12 +119,17 @@ def _worker(workdir: str, task: str) -> None:
 
 
 def _run_eval(workdir: str, task: str) -> None:
-    """`lov-jax eval` on the workdir's last checkpoint, as a user runs it on every host."""
+    """`lov-jax eval` on the workdir's last checkpoint, as a user runs it on every host.
+    The tokenizer / template files go to `assets/` first, as `lov-jax train` writes them."""
+    from data_pipelines.hf_processor import save_hf_processor_files
+    from lov_jax import config
     from lov_jax.cli import main
+    from lov_jax.testing.tokenizers import qwen2_token_ids
 
+    save_hf_processor_files(Path(workdir, "assets"), config.demo(token_ids=qwen2_token_ids()))
     t0 = time.time()
     rc = main(["eval", "--ckpt", workdir, "--task", task, "--out", str(Path(workdir, "eval")),
-               "--mesh", "1,-1,1", "--batch-size", "2"])  # fmt: skip
+               "--mesh", "fsdp=-1", "--batch-size", "2"])  # fmt: skip
     assert rc == 0
     print(f"eval finished in {time.time() - t0:.1f}s")
 

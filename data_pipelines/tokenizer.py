@@ -243,8 +243,7 @@ def tokenizer_config(tok: tokenizers.Tokenizer) -> dict[str, Any]:
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(tok.token_to_id(content)): _added_token_entry(content)
-            for content in SPECIAL_TOKENS
+            str(tok.token_to_id(content)): _added_token_entry(content) for content in SPECIAL_TOKENS
         },
         "additional_special_tokens": [IM_START, IM_END],
         "bos_token": None,

@@ -1,6 +1,6 @@
 """Frozen model configs, named presets, and HF `config.json` round trip.
 
-Every size lives here (STYLE.md 5). Values follow docs/reference.md 1.1-1.4; the
+Every size lives here (docs/style.md 5). Values follow docs/reference.md 1.1-1.4; the
 presets use the llava-hf vocab sizes (Qwen vocab + 2, padded to a multiple of
 64), but loaders must trust tensor shapes over these numbers (docs/reference.md 1.3).
 """

@@ -1,4 +1,4 @@
-"""Special token ids, read from a checkpoint's own files (STYLE.md 14).
+"""Special token ids, read from a checkpoint's own files (docs/style.md 14).
 
 Nothing about a checkpoint's vocabulary is a constant in code: a llava-hf OneVision
 checkpoint pads with `<|endoftext|>` and stops on `<|im_end|>`, a Vicuna one pads with

@@ -1,4 +1,4 @@
-"""The package layering (STYLE.md 18): data never imports training, inference, eval,
+"""The package layering (docs/style.md 18): data never imports training, inference, eval,
 planning or serving; models never import data; nothing below the entry points imports
 the CLI or the demo. Every import counts, function-level ones included."""
 

@@ -1,5 +1,5 @@
 """HF <-> lov_jax parameter conversion: the families' key tables filled into
-`abstract_params` (STYLE.md 6).
+`abstract_params` (docs/style.md 6).
 
 Every accepted HF layout (docs/reference.md 9) is first canonicalised by stripping its
 prefix (`_PREFIXES`), then the config's families' key tables (lov_jax/convert/key_tables.py,

@@ -1,4 +1,4 @@
-"""One HF key table per family (STYLE.md 6, 16): HF names <-> our param paths.
+"""One HF key table per family (docs/style.md 6, 16): HF names <-> our param paths.
 
 A row is (HF name, our path, Transform), both relative to the family's module: a vision
 tower's names as in HF's `XVisionTransformer` (no `vision_model.` prefix), a projector's

@@ -4,7 +4,7 @@ Differences from HF's layout: projection kernels are stored head-split
 (`q_proj.kernel: [H, N, Dh]`, `o_proj.kernel: [N, Dh, H]`) and layers are
 stacked on a leading axis; the converter reshapes/stacks.
 
-One call for training, prefill and decode (STYLE.md 17): `cache=None` is the training
+One call for training, prefill and decode (docs/style.md 17): `cache=None` is the training
 path; with a `KVCache` (lov_jax/models/kv_cache.py) the same params write the new
 tokens' keys/values into it and return `(out, new_cache)`.
 """

@@ -66,12 +66,13 @@ class Prompter:
         """Tokenizer and chat template from an HF dir or an Orbax checkpoint's assets.
 
         `conv_template` replaces the checkpoint's jinja template by a named one."""
-        from lov_jax.pretrained import asset_dir, load_tokenizer
+        from data_pipelines.tokenizer import load_tokenizer
+        from lov_jax.pretrained import asset_dir
 
-        assets = asset_dir(path)
+        assets = asset_dir(path)  # located once: tokenizer, template and special tokens
         jinja = None if conv_template else chat_template.load_chat_template(assets)
         return cls(
-            load_tokenizer(path), jinja, conv_template,
+            load_tokenizer(assets), jinja, conv_template,
             chat_template.template_special_tokens(assets), system,
         )  # fmt: skip
 

@@ -20,6 +20,13 @@ ANYRES_GRID_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
 )
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# The model class a config is (HF `model_type`): LLaVA-1.5 has no image_newline and one
+# crop per image; LLaVA-NeXT adds anyres crops and one newline per grid row; OneVision
+# adds anyres_max_N downsampling, multi-image and video.
+ARCHITECTURES = ("llava", "llava_next", "llava_onevision")
+# Which tower outputs become visual tokens (HF `vision_feature_select_strategy`):
+# "default" drops the first (CLS) position, "full" keeps all.
+FEATURE_SELECTS = ("default", "full")
 ATTENTION_IMPLS = ("xla", "splash")
 
 
@@ -38,6 +45,21 @@ class VisionConfig:
     image_size: int = 384
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    feature_select: str = "full"  # one of FEATURE_SELECTS
+
+    def __post_init__(self):
+        if self.feature_select not in FEATURE_SELECTS:
+            raise ValueError(f"feature_select {self.feature_select!r} not in {FEATURE_SELECTS}")
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the tower prepends a class token (CLIP) to its patch sequence."""
+        return self.kind == "clip"
+
+    @property
+    def num_features(self) -> int:
+        """Visual tokens per crop after feature selection: the feature bank's stride."""
+        return self.num_patches + int(self.has_cls) - int(self.feature_select == "default")
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +91,8 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
+    attention_bias: bool = True  # q/k/v projection biases (Qwen-2: yes; Llama, Mistral: no)
+    sliding_window: int | None = None  # Mistral's causal window W; None = full causal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +108,7 @@ class ModelConfig:
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     token_ids: TokenIds | None = None
+    architecture: str = "llava_onevision"  # one of ARCHITECTURES
     projector: str = "mlp2x_gelu"  # the projector's family: "mlp2x_gelu" | "linear"
     vision_aspect_ratio: str = "anyres_max_9"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ANYRES_GRID_PINPOINTS
@@ -96,6 +121,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} not in {ARCHITECTURES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
         if self.text.num_heads % self.text.num_kv_heads:
@@ -113,6 +140,11 @@ class ModelConfig:
                 "(cfg.replace(token_ids=lov_jax.token_ids.token_ids_from_tokenizer(...)))"
             )
         return self.token_ids
+
+    @property
+    def has_image_newline(self) -> bool:
+        """LLaVA-NeXT and OneVision learn an `image_newline`; LLaVA-1.5 has none."""
+        return self.architecture != "llava"
 
     @property
     def max_num_patches(self) -> int:

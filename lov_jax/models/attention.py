@@ -7,7 +7,9 @@ N query heads, K kv heads (GQA: N = K * G), H head dim.
 
 Masking for packed rows: a query attends a key iff both carry the same
 segment id and (if causal) the key's row index is <= the query's row index
-plus `q_offset` (the cache slot of the first query during decode). Segment 0
+plus `q_offset` (the cache slot of the first query during decode) and, with a
+`sliding_window` W (Mistral), the key is one of the W most recent: query index (plus
+`q_offset`) minus key index < W, as HF's `sliding_window_overlay`. Segment 0
 is padding; padding attends padding only, so no row is fully masked and no
 softmax produces NaN (its outputs are never used).
 """
@@ -30,14 +32,20 @@ def attention_mask(
     kv_len: int,
     causal: bool,
     q_offset: jax.Array | int = 0,
+    sliding_window: int | None = None,
 ) -> jax.Array | None:
     """bool[B or 1, T, S] mask (True = attend), or None when nothing is masked."""
+    if sliding_window is not None and (not causal or sliding_window < 1):
+        raise ValueError(f"sliding_window={sliding_window} needs causal=True and W >= 1")
     mask = None
     if q_segment_ids is not None:
         mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     if causal:
         q_idx = jnp.arange(q_len)[None, :, None] + jnp.reshape(jnp.asarray(q_offset), (-1, 1, 1))
-        causal_mask = jnp.arange(kv_len)[None, None, :] <= q_idx
+        kv_idx = jnp.arange(kv_len)[None, None, :]
+        causal_mask = kv_idx <= q_idx
+        if sliding_window is not None:
+            causal_mask = causal_mask & (kv_idx > q_idx - sliding_window)
         mask = causal_mask if mask is None else mask & causal_mask
     return mask
 
@@ -70,9 +78,11 @@ def dot_product_attention(
     kv_segment_ids: jax.Array | None = None,
     causal: bool = False,
     q_offset: jax.Array | int = 0,
+    sliding_window: int | None = None,
     impl: str = "xla",
 ) -> jax.Array:
-    """Segment-masked (optionally causal) attention; see the module docstring."""
+    """Segment-masked (optionally causal, optionally windowed) attention; see the module
+    docstring. `sliding_window=None` is full causal attention."""
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     if impl == "splash":
@@ -80,6 +90,8 @@ def dot_product_attention(
 
         if not isinstance(q_offset, int) or q_offset:
             raise ValueError("impl='splash' has no q_offset (cached decode): use impl='xla'")
+        if sliding_window is not None:
+            raise ValueError("impl='splash' has no sliding_window here yet: use impl='xla'")
 
         return splash.splash_attention(
             q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal
@@ -93,5 +105,6 @@ def dot_product_attention(
         kv_len=k.shape[1],
         causal=causal,
         q_offset=q_offset,
+        sliding_window=sliding_window,
     )
     return xla_attention(q, k, v, mask)

@@ -3,18 +3,28 @@
 Every visual token the LLM sees is a fixed linear combination of at most four rows of
 a per-row feature bank (docs/design.md 1-2; its rows are `lov_jax.batch`'s):
 
-    bank = concat(projected.reshape(N * P*P, C), image_newline[None], zeros[1, C])
+    bank = concat(projected.reshape(N * F, C), image_newline[None], zeros[1, C])
 
-where N is the number of crop slots of the packed row and P = patches_per_side (27).
-Patch p = y*P + x of crop slot c sits at bank row c*P*P + p; the newline is row
-`N*P*P` and a zero row is `N*P*P + 1`. A visual token is
-`sum_i vis_w[i] * bank[vis_idx[i]]`.
+where N is the number of crop slots of the packed row and F = `cfg.vision.num_features`,
+the visual tokens one crop gives after feature selection (SigLIP 729 = 27*27; CLIP
+"default" 576 = 24*24, CLS dropped; CLIP "full" 577, CLS first). Feature f of crop slot
+c sits at bank row c*F + f (a patch p = y*P + x when F = P*P); the newline is row `N*F`
+and a zero row is `N*F + 1`. A visual token is `sum_i vis_w[i] * bank[vis_idx[i]]`.
 
-That covers all of docs/reference.md 3-5: anyres re-assembly and unpadding are index
-arithmetic, the anyres_max_N downsample and the 27->14 video pool are PyTorch bilinear
-(align_corners=False, antialias=False) i.e. separable 2-tap per axis, and the newline is
-one bank row. Everything depends only on image sizes and frame counts, so it lives
-here in numpy (no jax) and runs in the data pipeline.
+That covers all of docs/reference.md 3-5 and the LLaVA family: anyres re-assembly and
+unpadding are index arithmetic, the anyres_max_N downsample and the 27->14 video pool are
+PyTorch bilinear (align_corners=False, antialias=False) i.e. separable 2-tap per axis, and
+the newline is one bank row. Everything depends only on image sizes and frame counts, so
+it lives here in numpy (no jax) and runs in the data pipeline.
+
+Per architecture (`cfg.architecture`), as HF's model packs features:
+  llava            one crop per image ("center_crop" or "pad"): F tokens, no newline
+                   (LlavaModel has no image_newline).
+  llava_next       "anyres" (LlavaNextModel.pack_image_features): base crop, then the
+                   unpadded grid with one newline per row; no downsample
+                   (`vision_aspect_ratio="anyres"`). Every image of a prompt is anyres.
+  llava_onevision  "anyres" with the anyres_max_N downsample; "pad" multi-image members;
+                   "video"; "square" for stage 1.
 
 Tap conventions: a plain copy is (p, p, p, p) with weights (1, 0, 0, 0); a bilinear
 output is (y0x0, y0x1, y1x0, y1x1) with weights (wy0*wx0, wy0*wx1, wy1*wx0, wy1*wx1);
@@ -32,18 +42,21 @@ import numpy as np
 from lov_jax import batch
 from lov_jax.config import ModelConfig
 
-KINDS = ("anyres", "square", "pad", "video")
+KINDS = ("anyres", "square", "pad", "center_crop", "video")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisualItem:
     """One image or video of a sample, as the layout needs it.
 
-    kind:
-      "anyres": single image, Higher AnyRes anyres_max_N (base crop + grid crops).
-      "square": stage-1 image, one directly resized crop, 729 tokens, no newline.
-      "pad":    multi-image member, one padded-to-square crop, 729 + 1 newline.
-      "video":  F frames, each pooled PxP -> video_pool_size^2, one newline at the end.
+    kind (F = cfg.vision.num_features tokens per crop):
+      "anyres":      base crop + grid crops (OneVision: anyres_max_N; LLaVA-NeXT: anyres).
+      "square":      stage-1 image, one directly resized crop, F tokens, no newline.
+      "pad":         one padded-to-square crop: F tokens, + 1 newline where the model has
+                     one (OneVision multi-image member; LLaVA-NeXT's single-crop branch,
+                     docs/reference_family.md A.7.4); LLaVA-1.5 `image_aspect_ratio=pad`: F.
+      "center_crop": llava-hf LLaVA-1.5 (CLIPImageProcessor resize + center crop): F tokens.
+      "video":       frames, each pooled PxP -> video_pool_size^2, one newline at the end.
     image_size: original (H, W); required for "anyres".
     num_frames: F for "video".
     """
@@ -86,7 +99,7 @@ def select_best_resolution(
 
 
 def anyres_grid(size_hw: tuple[int, int], cfg: ModelConfig) -> tuple[int, int]:
-    """(grid_rows, grid_cols) of 384px crops for an anyres image of original (H, W)."""
+    """(grid_rows, grid_cols) of SxS crops (S = image_size) for an anyres image of (H, W)."""
     best_h, best_w = select_best_resolution(size_hw, cfg.image_grid_pinpoints)
     side = cfg.vision.image_size
     return best_h // side, best_w // side
@@ -100,9 +113,38 @@ class _AnyresGeometry:
     out: tuple[int, int]  # (h', w') after the optional anyres_max_N bilinear downsample
 
 
+def _patch_grid(cfg: ModelConfig, kind: str) -> int:
+    """P, checking that a crop's F features are its P x P patches (no CLS among them).
+
+    HF views each grid crop's features as [P, P] (anyres) or pools them as [P, P]
+    (video); a CLS tower with feature_select "full" (577 = 24*24 + 1) cannot do either.
+    """
+    v = cfg.vision
+    if v.num_features != v.num_patches:
+        raise ValueError(
+            f"{kind} items need one feature per patch, but vision.feature_select="
+            f"{v.feature_select!r} on a {v.kind} tower gives {v.num_features} per crop "
+            f"(patch grid {v.patches_per_side}x{v.patches_per_side}); use 'default'"
+        )
+    return v.patches_per_side
+
+
+def _downsample_max(cfg: ModelConfig) -> int | None:
+    """anyres_max_N's N; None for LLaVA-NeXT's plain "anyres" (no downsample)."""
+    return None if cfg.vision_aspect_ratio == "anyres" else cfg.max_num_patches
+
+
 def _anyres_geometry(size_hw: tuple[int, int], cfg: ModelConfig) -> _AnyresGeometry:
-    """docs/reference.md 3.2-3.4 on sizes only (Python ints/floats, as HF after `.tolist()`)."""
-    p = cfg.vision.patches_per_side
+    """docs/reference.md 3.2-3.4 on sizes only (Python ints/floats, as HF after `.tolist()`).
+
+    LLaVA-NeXT (docs/reference_family.md A.7.2) is the same without the downsample. Both
+    follow HF, not the original LLaVA-1.6 code: pinpoints are (h, w) and unpad rounds
+    with round(., 7) (the original reads pinpoints as (w, h), so for images with H, W <= S
+    it picks the transposed grid of HF's 5 default pinpoints, and it truncates; A.7.5).
+    """
+    if not cfg.has_image_newline:
+        raise ValueError(f"anyres items need an anyres architecture, not {cfg.architecture!r}")
+    p = _patch_grid(cfg, "anyres")
     orig_h, orig_w = (int(s) for s in size_hw)
     gh, gw = anyres_grid((orig_h, orig_w), cfg)
     cur_h, cur_w = gh * p, gw * p
@@ -118,8 +160,10 @@ def _anyres_geometry(size_hw: tuple[int, int], cfg: ModelConfig) -> _AnyresGeome
         pad = (cur_w - new_w) // 2
         c0, c1 = pad, cur_w - pad
     h, w = r1 - r0, c1 - c0
-    ratio = math.sqrt(h * w / (cfg.max_num_patches * p**2))
-    out = (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+    out, max_crops = (h, w), _downsample_max(cfg)
+    if max_crops is not None:
+        ratio = math.sqrt(h * w / (max_crops * p**2))
+        out = (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
     return _AnyresGeometry(grid=(gh, gw), rows=(r0, r1), cols=(c0, c1), out=out)
 
 
@@ -134,15 +178,17 @@ def num_crops(item: VisualItem, cfg: ModelConfig) -> int:
 
 
 def num_tokens(item: VisualItem, cfg: ModelConfig) -> int:
-    """Exact placeholder count (docs/reference.md 3.5/3.7/3.8, 4, 5.4)."""
-    n_patch = cfg.vision.num_patches
+    """Exact placeholder count (docs/reference.md 3.5/3.7/3.8, 4, 5.4;
+    docs/reference_family.md A.6: HF's LlavaProcessor / LlavaNextProcessor counts)."""
+    n_feat = cfg.vision.num_features
     if item.kind == "anyres":
         out_h, out_w = _anyres_geometry(item.image_size, cfg).out
-        return n_patch + out_h * out_w + out_h  # base + grid + one newline per grid row
-    if item.kind == "square":
-        return n_patch
+        return n_feat + out_h * out_w + out_h  # base + grid + one newline per grid row
+    if item.kind in ("square", "center_crop"):
+        return n_feat
     if item.kind == "pad":
-        return n_patch + 1
+        return n_feat + int(cfg.has_image_newline)
+    _patch_grid(cfg, "video")
     return item.num_frames * cfg.video_pool_size**2 + 1
 
 
@@ -210,29 +256,29 @@ def item_taps(
     first, then grid crops row-major; video: frames in order).
     Returns (idx int32[T, 4], w float32[T, 4]) with T = num_tokens(item, cfg).
     """
-    p = cfg.vision.patches_per_side
-    npatch = p * p
-    base = crop_offset * npatch
+    nfeat = cfg.vision.num_features  # the bank's per-crop stride
+    base = crop_offset * nfeat
     newline = (np.full((1, 4), newline_index, np.int64), np.array([[1.0, 0.0, 0.0, 0.0]]))
 
-    if item.kind in ("square", "pad"):
-        parts = [_copy_taps(base, npatch)]
-        if item.kind == "pad":
+    if item.kind in ("square", "pad", "center_crop"):
+        parts = [_copy_taps(base, nfeat)]  # CLIP "full": CLS first, as HF keeps it
+        if item.kind == "pad" and cfg.has_image_newline:
             parts.append(newline)  # HF pack_image_features, single-crop branch
     elif item.kind == "video":
+        p = _patch_grid(cfg, "video")
         # HF apply_pooling: per frame [P, P] -> bilinear [S, S], row-major; frames are
         # flattened and ONE newline closes the whole video (docs/reference.md 5.3).
         s = cfg.video_pool_size
         ty = tx = _bilinear_taps_1d_f64(p, s)
         parts = []
         for f in range(item.num_frames):
-            off = base + f * npatch
+            off = base + f * nfeat
             idx, w = _taps_2d(ty, tx, lambda y, x, off=off: off + y * p + x)
             parts.append((idx.reshape(-1, 4), w.reshape(-1, 4)))
         parts.append(newline)
     else:
         geo = _anyres_geometry(item.image_size, cfg)
-        gw = geo.grid[1]
+        p, gw = cfg.vision.patches_per_side, geo.grid[1]
         (r0, r1), (c0, c1), (out_h, out_w) = geo.rows, geo.cols, geo.out
         h, w_ = r1 - r0, c1 - c0
         ty = _identity_1d(h) if out_h == h else _bilinear_taps_1d_f64(h, out_h)
@@ -243,13 +289,13 @@ def item_taps(
             # is slot crop_offset + 1 + (Y//P)*gw + X//P (slot crop_offset is the base).
             yy, xx = y + r0, x + c0
             slot = crop_offset + 1 + (yy // p) * gw + xx // p
-            return slot * npatch + (yy % p) * p + (xx % p)
+            return slot * nfeat + (yy % p) * p + (xx % p)
 
         idx, w = _taps_2d(ty, tx, bank_index)
         # One newline column at the end of every output row (docs/reference.md 3.5).
         idx = np.concatenate([idx, np.broadcast_to(newline[0], (out_h, 1, 4))], axis=1)
         w = np.concatenate([w, np.broadcast_to(newline[1], (out_h, 1, 4))], axis=1)
-        parts = [_copy_taps(base, npatch), (idx.reshape(-1, 4), w.reshape(-1, 4))]
+        parts = [_copy_taps(base, nfeat), (idx.reshape(-1, 4), w.reshape(-1, 4))]
 
     idx = np.concatenate([a for a, _ in parts]).astype(np.int32)
     w = np.concatenate([b for _, b in parts]).astype(np.float32)
@@ -261,11 +307,10 @@ def row_layout(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Taps of several items whose crops are placed consecutively from `crop_offset`.
 
-    The bank has `num_crop_slots` crop slots, so newline_index = num_crop_slots*P*P.
+    The bank has `num_crop_slots` crop slots, so newline_index = num_crop_slots*F.
     Returns (idx int32[T_total, 4], w float32[T_total, 4]) concatenated in item order.
     """
-    npatch = cfg.vision.num_patches
-    newline_index = batch.newline_row(num_crop_slots, npatch)
+    newline_index = batch.newline_row(num_crop_slots, cfg.vision.num_features)
     crops = [num_crops(it, cfg) for it in items]
     if crop_offset + sum(crops) > num_crop_slots:
         raise ValueError(
@@ -298,13 +343,12 @@ def place_taps(
     cfg.ids.video (video items), consumed in item order like HF's masked_scatter.
     Each item's placeholders must form one contiguous run.
     Returns (vis_idx int32[L, 4], vis_w float32[L, 4]); text positions point at the zero
-    row (num_crop_slots*P*P + 1) with weight 0.
+    row (num_crop_slots*F + 1) with weight 0.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    npatch = cfg.vision.num_patches
-    zero_index = batch.zero_row(num_crop_slots, npatch)
+    zero_index = batch.zero_row(num_crop_slots, cfg.vision.num_features)
     ids = cfg.ids
     is_img = tokens == ids.image
     is_vid = np.zeros_like(is_img) if ids.video is None else tokens == ids.video

@@ -1,0 +1,272 @@
+"""LLaVA-1.5 / LLaVA-NeXT preprocessing vs HF: token counts, pixels, and feature packing.
+
+References (transformers, read at their source): `LlavaProcessor` / `LlavaNextProcessor`
+token counts, `CLIPImageProcessorPil`, `LlavaImageProcessorPil(do_pad=True)`,
+`LlavaNextImageProcessorPil`, and `LlavaNextModel.pack_image_features` on a tiny random
+model; the original LLaVA-1.5 `expand2square` (haotian-liu/LLaVA llava/mm_utils.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlavaNextConfig, LlavaNextProcessor, LlavaProcessor
+from transformers.models.llava_next import modeling_llava_next as hf_next
+
+from lov_jax.config import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
+from lov_jax.token_ids import TokenIds
+from lov_jax.visual_layout import (
+    VisualItem,
+    num_crops,
+    num_tokens,
+    place_taps,
+    row_layout,
+    select_best_resolution,
+)
+
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# A tiny tower's pinpoint set: 56px crops (4x4 patches), grids up to 3x4, not symmetric.
+TINY_PINPOINTS = ((56, 112), (112, 56), (112, 112), (168, 56), (56, 168), (168, 224))
+
+
+def clip_vision(image_size: int = 336, feature_select: str = "default") -> VisionConfig:
+    return VisionConfig(
+        kind="clip", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        patch_size=14, image_size=image_size, layer_norm_eps=1e-5,
+        feature_select=feature_select, hidden_act="quick_gelu",
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+    )  # fmt: skip
+
+
+TEXT = TextConfig(
+    kind="llama", vocab_size=1000, hidden_size=16, intermediate_size=32, num_layers=1,
+    num_heads=2, num_kv_heads=1, head_dim=8, attention_bias=False,
+)  # fmt: skip
+
+
+def next_cfg(image_size: int = 336, pinpoints=NEXT_PINPOINTS) -> ModelConfig:
+    return ModelConfig(
+        vision=clip_vision(image_size), text=TEXT, architecture="llava_next",
+        vision_aspect_ratio="anyres", image_grid_pinpoints=pinpoints,
+    )  # fmt: skip
+
+
+def llava_cfg(aspect: str = "center_crop", feature_select: str = "default") -> ModelConfig:
+    return ModelConfig(
+        vision=clip_vision(feature_select=feature_select), text=TEXT, architecture="llava",
+        vision_aspect_ratio=aspect,
+    )  # fmt: skip
+
+
+NEXT = next_cfg()
+TINY_NEXT = next_cfg(56, TINY_PINPOINTS)
+
+# (H, W): tiny, <= one crop (HF and the original pick transposed grids there), each
+# pinpoint's aspect, extreme ratios, odd slack, and the A.7.3 worked examples.
+SIDES = (1, 2, 7, 55, 200, 335, 336, 337, 503, 672, 899, 1000, 1920, 5000)
+SIZES = sorted(set(itertools.product(SIDES, SIDES)) | {(316, 503), (768, 1024), (100, 3000)})
+
+
+def _hf_processor_ns(cls, cfg: ModelConfig, strategy: str = "default"):
+    """HF's counting methods, unbound, on a namespace holding the processor's fields."""
+    ns = types.SimpleNamespace(
+        patch_size=cfg.vision.patch_size, num_additional_image_tokens=1,
+        vision_feature_select_strategy=strategy,
+        image_processor=types.SimpleNamespace(
+            image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints]
+        ),
+    )  # fmt: skip
+    for name in ("_get_unpadded_features", "_get_number_of_features"):
+        if hasattr(cls, name):
+            setattr(ns, name, getattr(cls, name).__get__(ns))
+    return ns
+
+
+def _hf_next_count(ns, size_hw, side: int) -> int:
+    n = ns._get_number_of_features(*size_hw, side, side)
+    return n - int(ns.vision_feature_select_strategy == "default")
+
+
+# ---- token counts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [NEXT, TINY_NEXT], ids=["default_pinpoints", "tiny"])
+def test_next_token_counts_equal_hf_processor(cfg):
+    ns = _hf_processor_ns(LlavaNextProcessor, cfg)
+    side = cfg.vision.image_size
+    assert len(SIZES) >= 30
+    for size in SIZES:
+        item = VisualItem("anyres", image_size=size)
+        assert num_tokens(item, cfg) == _hf_next_count(ns, size, side), size
+        want_crops = hf_next.image_size_to_num_patches(
+            list(size), [list(p) for p in cfg.image_grid_pinpoints], side
+        )
+        assert num_crops(item, cfg) == want_crops, size
+
+
+def test_next_worked_examples():
+    """docs/reference_family.md A.7.3 (counted there with a tiny HF model)."""
+    table = {(899, 1024): 2634, (480, 640): 2340, (1080, 1920): 1948, (1000, 1000): 2928,
+             (336, 336): 1176, (503, 316): 1526, (100, 3000): 722, (2000, 500): 1944}  # fmt: skip
+    for size, want in table.items():
+        assert num_tokens(VisualItem("anyres", image_size=size), NEXT) == want, size
+
+
+def test_next_has_no_downsample():
+    """OneVision's anyres_max_9 would shrink the 2x2 grid of 1000x1000; NeXT keeps 48x48."""
+    assert num_tokens(VisualItem("anyres", image_size=(1000, 1000)), NEXT) == 576 + 48 * 49
+
+
+def _rounding_sizes(cfg: ModelConfig, sides) -> list[tuple[int, int]]:
+    """Sizes whose unpad target x is within 1e-7 below an integer: HF's int(round(x, 7))
+    keeps a row or column that int(x) (the original code) would cut."""
+    p, out = cfg.vision.patches_per_side, []
+    for h, w in itertools.product(sides, sides):
+        best_h, best_w = select_best_resolution((h, w), cfg.image_grid_pinpoints)
+        cur_h, cur_w = best_h // cfg.vision.image_size * p, best_w // cfg.vision.image_size * p
+        x = h * (cur_w / w) if w / h > cur_w / cur_h else w * (cur_h / h)
+        if int(round(x, 7)) != int(x):
+            out.append((h, w))
+    return out
+
+
+def test_unpad_rounding_cases_equal_hf():
+    ns = _hf_processor_ns(LlavaNextProcessor, NEXT)
+    found = _rounding_sizes(NEXT, range(1, 1500, 7))
+    assert len(found) >= 5, found
+    for size in found:
+        assert num_tokens(VisualItem("anyres", image_size=size), NEXT) == _hf_next_count(
+            ns, size, 336
+        ), size
+
+
+@pytest.mark.parametrize("strategy,want", [("default", 576), ("full", 577)])
+def test_llava_token_counts_equal_hf_processor(strategy, want):
+    ns = types.SimpleNamespace(
+        patch_size=14, num_additional_image_tokens=1, vision_feature_select_strategy=strategy,
+        image_processor=types.SimpleNamespace(crop_size={"height": 336, "width": 336}),
+        _merge_kwargs=lambda **kw: {"images_kwargs": {}},
+    )  # fmt: skip
+    hf = LlavaProcessor._get_num_multimodal_tokens(ns, image_sizes=[(480, 640), (3, 5000)])
+    assert hf.num_image_tokens == [want, want]
+    for aspect in ("center_crop", "pad"):
+        cfg = llava_cfg(aspect, feature_select=strategy)
+        for kind in ("center_crop", "pad"):
+            assert num_tokens(VisualItem(kind), cfg) == want
+            assert num_crops(VisualItem(kind), cfg) == 1
+
+
+# ---- packing vs HF's model ---------------------------------------------------------------
+
+
+def _hf_next_model(cfg: ModelConfig, hidden: int = 8) -> hf_next.LlavaNextModel:
+    torch.manual_seed(0)
+    v = cfg.vision
+    hf_cfg = LlavaNextConfig(
+        vision_config={
+            "model_type": "clip_vision_model", "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": 1,
+            "num_attention_heads": v.num_heads, "image_size": v.image_size,
+            "patch_size": v.patch_size,
+        },
+        text_config={
+            "model_type": "llama", "vocab_size": 64, "hidden_size": hidden,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )  # fmt: skip
+    return hf_next.LlavaNextModel(hf_cfg).eval()
+
+
+PACK_SIZES = [(899, 1024), (480, 640), (640, 480), (200, 300), (300, 200), (336, 336),
+              (1, 1), (2, 5000), (5000, 2), (503, 316), (1000, 1000), (337, 1007)]  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", [NEXT, TINY_NEXT], ids=["default_pinpoints", "tiny"])
+def test_next_gather_equals_hf_pack_image_features(cfg):
+    """Random per-crop features through HF's pack_image_features (all images of a prompt
+    at once, as its forward does) == the 4-tap gather over one bank of all crops."""
+    model = _hf_next_model(cfg)
+    width = model.image_newline.shape[0]
+    f = cfg.vision.num_features
+    items = [VisualItem("anyres", image_size=s) for s in PACK_SIZES]
+    crops = [num_crops(it, cfg) for it in items]
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((sum(crops), f, width))
+    newline = model.image_newline.detach().double().numpy()
+    with torch.no_grad():
+        split = torch.split(torch.from_numpy(feats), crops)
+        out, lens = model.pack_image_features(
+            list(split), torch.tensor(PACK_SIZES), "default", image_newline=model.image_newline
+        )
+    hf = torch.cat(out).double().numpy()
+    assert lens.tolist() == [num_tokens(it, cfg) for it in items]
+
+    slots = sum(crops) + 3  # spare slots: the bank's newline / zero rows move with N
+    bank = np.concatenate([feats.reshape(-1, width), newline[None], np.zeros((1, width))])
+    idx, w = row_layout(items, cfg, slots)
+    bank_full = np.zeros((slots * f + 2, width))
+    bank_full[: sum(crops) * f] = bank[: sum(crops) * f]
+    bank_full[slots * f] = newline
+    ours = np.einsum("tk,tkc->tc", w.astype(np.float64), bank_full[idx])
+    np.testing.assert_allclose(ours, hf, rtol=0, atol=1e-12)
+
+
+def test_next_single_crop_branch_equals_hf():
+    """docs/reference_family.md A.7.4: a one-crop image is its features + one newline."""
+    model = _hf_next_model(NEXT)
+    width, f = model.image_newline.shape[0], NEXT.vision.num_features
+    feats = torch.randn(1, f, width, dtype=torch.float64)
+    with torch.no_grad():
+        out, lens = model.pack_image_features(
+            [feats], torch.tensor([[300, 400]]), "default", image_newline=model.image_newline
+        )
+    item = VisualItem("pad")
+    assert lens.tolist() == [num_tokens(item, NEXT)] == [f + 1]
+    bank = np.concatenate([feats[0].numpy(), model.image_newline.detach().double()[None]])
+    bank = np.concatenate([bank, np.zeros((1, width))])
+    idx, w = row_layout([item], NEXT, 1)
+    ours = np.einsum("tk,tkc->tc", w.astype(np.float64), bank[idx])
+    np.testing.assert_allclose(ours, out[0].numpy(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("feature_select", ["default", "full"])
+def test_llava_layout_is_one_copy_per_feature(feature_select):
+    """LlavaModel scatters each image's F features in order: no newline, stride F."""
+    cfg = llava_cfg("pad", feature_select)
+    f = cfg.vision.num_features
+    items = [VisualItem("pad"), VisualItem("center_crop"), VisualItem("pad")]
+    idx, w = row_layout(items, cfg, 4, crop_offset=1)
+    assert idx.shape == (3 * f, 4)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(f, 4 * f))
+    np.testing.assert_array_equal(w, np.tile([1.0, 0, 0, 0], (3 * f, 1)))
+
+
+def test_family_layout_errors():
+    full_next = NEXT.replace(vision=clip_vision(feature_select="full"))
+    with pytest.raises(ValueError, match="one feature per patch.*577"):
+        num_tokens(VisualItem("anyres", image_size=(480, 640)), full_next)
+    with pytest.raises(ValueError, match="anyres architecture.*'llava'"):
+        num_tokens(VisualItem("anyres", image_size=(480, 640)), llava_cfg())
+
+
+def test_place_taps_llava_stride():
+    """Text taps point at the zero row N*F + 1 of an F=577 bank."""
+    ids = TokenIds(pad=0, eos=(2,), image=5, bos=1)
+    cfg = llava_cfg("center_crop", "full").replace(token_ids=ids)
+    tokens = np.array([1, 7] + [5] * 577 + [8], np.int32)
+    vis_idx, vis_w = place_taps(tokens, [VisualItem("center_crop")], cfg, num_crop_slots=2)
+    assert vis_idx[0, 0] == 2 * 577 + 1 and vis_w[0].sum() == 0
+    np.testing.assert_array_equal(vis_idx[2:-1, 0], np.arange(577))

@@ -8,7 +8,7 @@ presets use the llava-hf vocab sizes (Qwen vocab + 2, padded to a multiple of
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 from typing import Any
 
 from lov_jax.token_ids import TokenIds
@@ -27,14 +27,35 @@ ARCHITECTURES = ("llava", "llava_next", "llava_onevision")
 # Which tower outputs become visual tokens (HF `vision_feature_select_strategy`):
 # "default" drops the first (CLS) position, "full" keeps all.
 FEATURE_SELECTS = ("default", "full")
-ATTENTION_IMPLS = ("xla", "splash")
+# Attention kernels (lov_jax/models/attention.py); "auto" picks one per backend and call.
+ATTENTION_IMPLS = ("xla", "chunked", "splash", "pallas_gpu", "cudnn", "auto")
+# Vision-tower MLP activations (HF `hidden_act`): SigLIP's tanh GELU, CLIP's x*sigmoid(1.702x).
+VISION_ACTS = ("gelu_pytorch_tanh", "quick_gelu", "gelu")
+# How an image becomes crops, per architecture (data_pipelines/image_processing.py does it):
+# "pad" = original LLaVA-1.5 expand2square with the mean colour, "center_crop" = llava-hf
+# LLaVA-1.5 (CLIPImageProcessor), "anyres" = LLaVA-NeXT (grid crops, no downsample),
+# "anyres_max_N" = OneVision (bilinear downsample above N crops' worth of patches).
+ASPECT_RATIOS = {
+    "llava": ("pad", "center_crop"),
+    "llava_next": ("anyres",),
+    "llava_onevision": ("anyres_max_N",),
+}
+_ANYRES_MAX = re.compile(r"anyres_max_([1-9][0-9]*)")
+# Pixel normalisation (HF image processors' image_mean / image_std): SigLIP maps to [-1, 1],
+# CLIP uses OpenAI's dataset statistics (transformers OPENAI_CLIP_MEAN / _STD).
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP vision tower (OV drops the last of SO400M's 27 layers).
+    """A ViT vision tower: SigLIP (OV drops the last of SO400M's 27 layers) or CLIP.
 
-    `kind` names the tower's family (lov_jax/models/families.py)."""
+    `kind` names the tower's family (lov_jax/models/families.py). `num_layers` is the
+    number of layers RUN and stored: the feature layer's depth (HF
+    `hidden_states[vision_feature_layer]`), e.g. 23 of CLIP-L's 24 for LLaVA's -2.
+    `image_mean` / `image_std` normalise uint8 pixels in-model (and give the pad colour)."""
 
     kind: str = "siglip"
     hidden_size: int = 1152
@@ -46,10 +67,21 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     feature_select: str = "full"  # one of FEATURE_SELECTS
+    hidden_act: str = "gelu_pytorch_tanh"  # one of VISION_ACTS
+    image_mean: tuple[float, float, float] = SIGLIP_MEAN
+    image_std: tuple[float, float, float] = SIGLIP_STD
 
     def __post_init__(self):
         if self.feature_select not in FEATURE_SELECTS:
             raise ValueError(f"feature_select {self.feature_select!r} not in {FEATURE_SELECTS}")
+        if self.hidden_act not in VISION_ACTS:
+            raise ValueError(f"vision hidden_act {self.hidden_act!r} not in {VISION_ACTS}")
+        if self.num_layers < 1:
+            raise ValueError(f"vision num_layers {self.num_layers}: the tower runs >= 1 layer")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != self.num_channels or (name == "image_std" and min(value) <= 0):
+                raise ValueError(f"vision {name} {value}: {self.num_channels} values (std > 0)")
 
     @property
     def has_cls(self) -> bool:
@@ -94,6 +126,15 @@ class TextConfig:
     attention_bias: bool = True  # q/k/v projection biases (Qwen-2: yes; Llama, Mistral: no)
     sliding_window: int | None = None  # Mistral's causal window W; None = full causal
 
+    def __post_init__(self):
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"text sliding_window {self.sliding_window}: W >= 1 or None")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"text num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                f"{self.num_kv_heads}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -125,8 +166,13 @@ class ModelConfig:
             raise ValueError(f"architecture {self.architecture!r} not in {ARCHITECTURES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
-        if self.text.num_heads % self.text.num_kv_heads:
-            raise ValueError("text.num_heads must be a multiple of text.num_kv_heads")
+        allowed = ASPECT_RATIOS[self.architecture]
+        ratio = self.vision_aspect_ratio
+        capped = "anyres_max_N" in allowed and _ANYRES_MAX.fullmatch(ratio)
+        if ratio not in allowed and not capped:
+            raise ValueError(
+                f"vision_aspect_ratio {ratio!r} is not one of {self.architecture}'s {allowed}"
+            )
         if self.token_ids is not None:
             self.token_ids.check(self.text.vocab_size, "ModelConfig.token_ids")
 
@@ -149,10 +195,10 @@ class ModelConfig:
     @property
     def max_num_patches(self) -> int:
         """The N of `anyres_max_N` (downsample threshold in crops)."""
-        prefix = "anyres_max_"
-        if not self.vision_aspect_ratio.startswith(prefix):
-            raise ValueError(f"unsupported vision_aspect_ratio {self.vision_aspect_ratio!r}")
-        return int(self.vision_aspect_ratio[len(prefix) :])
+        m = _ANYRES_MAX.fullmatch(self.vision_aspect_ratio)
+        if m is None:
+            raise ValueError(f"vision_aspect_ratio {self.vision_aspect_ratio!r} has no max crops")
+        return int(m.group(1))
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -161,54 +207,21 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides: Any) -> ModelConfig:
-        """Build from a `LlavaOnevisionConfig` dict (config.json), any transformers era.
+        """Build from a config.json dict: transformers' Llava / LlavaNext / LlavaOnevision
+        configs (any era) or an original LLaVA one (lov_jax/architectures.py).
 
         Token ids are not read here: they need generation_config.json and the tokenizer
         too (`lov_jax.token_ids.read_token_ids`); pass them as `token_ids=`."""
-        from lov_jax.models import families  # the registry imports the model modules
+        from lov_jax import architectures
 
-        if hf.get("vision_feature_select_strategy", "full") != "full":
-            raise ValueError("only vision_feature_select_strategy='full' is OneVision")
-        if hf.get("vision_feature_layer", -1) != -1:
-            raise ValueError("only vision_feature_layer=-1 (on the 26-layer tower) is OneVision")
-        vision, text, projector = families.config_parts_from_hf(hf)
-        pinpoints = tuple(tuple(p) for p in hf.get("image_grid_pinpoints", ANYRES_GRID_PINPOINTS))
-        pps = vision.image_size // vision.patch_size
-        return cls(
-            vision=vision,
-            text=text,
-            projector=projector,
-            vision_aspect_ratio=hf.get("vision_aspect_ratio", "anyres_max_9"),
-            image_grid_pinpoints=pinpoints,
-            video_pool_size=math.ceil(pps / 2),
-            **overrides,
-        )
+        return architectures.from_hf_config(hf, **overrides)
 
     def to_hf_config(self) -> dict:
-        """A `LlavaOnevisionConfig` dict that current `transformers` loads unchanged."""
-        from lov_jax.models import families
+        """The config.json that current `transformers` loads unchanged (its class:
+        `lov_jax.architectures.hf_class_name(self.architecture)`)."""
+        from lov_jax import architectures
 
-        ids = self.ids
-        parts = families.config_parts_to_hf(self.vision, self.text, self.projector)
-        text = {
-            **parts.pop("text_config"),
-            "bos_token_id": ids.bos,
-            "eos_token_id": ids.eos[0] if len(ids.eos) == 1 else list(ids.eos),
-            "pad_token_id": ids.pad,
-        }
-        return {
-            "architectures": ["LlavaOnevisionForConditionalGeneration"],
-            "model_type": "llava_onevision",
-            "image_token_index": ids.image,
-            "video_token_index": ids.video,
-            **parts,
-            "vision_feature_select_strategy": "full",
-            "vision_feature_layer": -1,
-            "vision_aspect_ratio": self.vision_aspect_ratio,
-            "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
-            "tie_word_embeddings": self.text.tie_word_embeddings,
-            "text_config": text,
-        }
+        return architectures.to_hf_config(self)
 
 
 # ---- presets ---------------------------------------------------------------------

@@ -35,7 +35,9 @@ class CheckpointError(ValueError):
 
 
 # Input prefix -> canonical prefix; first match wins, so longer/more specific first.
-# (lmms-lab, 4.52+ in-memory `model.*`, legacy llava-hf, v5.6+ without `vision_model.`)
+# (original haotian-liu / lmms-lab, 4.52+ in-memory `model.*`, legacy llava-hf, v5.6+
+# without `vision_model.`). The original projector is an nn.Sequential (`mm_projector.0`,
+# GELU at 1, `.2`) or, for `mm_projector_type=linear`, one unindexed nn.Linear.
 _PREFIXES: tuple[tuple[re.Pattern, str], ...] = tuple(
     (re.compile(p), r)
     for p, r in (
@@ -43,6 +45,7 @@ _PREFIXES: tuple[tuple[re.Pattern, str], ...] = tuple(
         (r"^(model\.)?vision_tower\.(vision_model\.)?", "vision."),
         (r"^model\.mm_projector\.0\.", "projector.linear_1."),
         (r"^model\.mm_projector\.2\.", "projector.linear_2."),
+        (r"^model\.mm_projector\.(?=(weight|bias)$)", "projector.linear_1."),
         (r"^(model\.)?multi_modal_projector\.", "projector."),
         (r"^(model\.)?image_newline$", "image_newline"),
         (r"^(language_model\.)?lm_head\.", "lm_head."),
@@ -54,7 +57,8 @@ _DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Canonical prefix -> output prefix for `params_to_hf`.
 #   "hf": what the installed transformers (5.6+) `save_pretrained` writes.
 #   "hf_legacy": llava-hf hub files (transformers 4.45), loadable by 4.x and 5.x.
-#   "lmms_lab": the original LLaVA-NeXT checkpoints.
+#   "lmms_lab": the original LLaVA-NeXT / OneVision checkpoints.
+#   "original": haotian-liu LLaVA-1.5 / 1.6 (`LlavaLlamaForCausalLM`): the same names.
 LAYOUTS: dict[str, dict[str, str]] = {
     "hf": {
         "vision.": "vision_tower.",
@@ -79,6 +83,10 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "lm_head.": "lm_head.",
     },
 }
+LAYOUTS["original"] = LAYOUTS["lmms_lab"]
+# The original's single-Linear projector (`mm_projector_type=linear`) is not a Sequential.
+_UNINDEXED_PROJECTOR = {"projector.linear_1.": "model.mm_projector."}
+_SEQUENTIAL_LAYOUTS = ("lmms_lab", "original")
 
 # Where each part sits: (canonical prefix, our module path). An LLM table's names are
 # `XForCausalLM`'s: `model.*` is the decoder (canonical `text.*`), `lm_head.*` stays.
@@ -127,6 +135,21 @@ def _tied(cfg: ModelConfig) -> tuple[str, str] | None:
     if tied is None or not cfg.text.tie_word_embeddings:
         return None
     return _LLM + tied[0], _LLM + tied[1]
+
+
+def llm_leaves(cfg: ModelConfig) -> tuple[str, str]:
+    """(head path, embedding path) of the config's LLM in our params tree."""
+    from lov_jax.models import families
+
+    head, embed = families.llm(cfg.text.kind).tied
+    return _LLM + head, _LLM + embed
+
+
+def llm_canonical_names(cfg: ModelConfig) -> tuple[str, str]:
+    """(head, embedding) canonical HF names (`canonical_name`) of the config's LLM."""
+    head, embed = llm_leaves(cfg)
+    by_path = {r.path: r.name for r in _rules_of(cfg)}
+    return by_path[head], by_path[embed]
 
 
 def _target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -190,9 +213,17 @@ def _lookup(hf_name: str, rules: tuple[_Rule, ...]) -> tuple[str, int | None, Tr
     return None
 
 
-def _hf_name(name: str, layer: int | None, layout: str) -> str:
+def _layout(cfg: ModelConfig, layout: str) -> dict[str, str]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    if layout in _SEQUENTIAL_LAYOUTS and cfg.projector == "linear":
+        return {**_UNINDEXED_PROJECTOR, **LAYOUTS[layout]}  # first match wins
+    return LAYOUTS[layout]
+
+
+def _hf_name(name: str, layer: int | None, prefixes: Mapping[str, str]) -> str:
     name = name.format(layer=layer)
-    for canon_prefix, out_prefix in LAYOUTS[layout].items():
+    for canon_prefix, out_prefix in prefixes.items():
         if name.startswith(canon_prefix):
             return out_prefix + name[len(canon_prefix) :]
     raise AssertionError(name)
@@ -219,11 +250,15 @@ class _Match(NamedTuple):
     tied: bool  # a tied model's head: checked against the embedding, not stored
 
 
-def _match(keys: Iterator[str], cfg: ModelConfig) -> tuple[list[_Match], list[str]]:
+def _match(
+    keys: Iterator[str], cfg: ModelConfig, tower_layers: int | None = None
+) -> tuple[list[_Match], list[str]]:
     """The one key-matching loop: every HF name -> the leaf (and layer) it fills.
 
     Problems: unknown names, two names filling one leaf, layers past the config's,
     leaves nothing fills. Shapes are the caller's to compare (`_shape_problem`).
+    `tower_layers`: the checkpoint's vision tower depth (its config.json); the layers
+    after the feature layer (`cfg.vision.num_layers` are kept) are skipped, never read.
     """
     shapes, rules, tied = _target_shapes(cfg), _rules_of(cfg), _tied(cfg)
     matches: list[_Match] = []
@@ -246,6 +281,9 @@ def _match(keys: Iterator[str], cfg: ModelConfig) -> tuple[list[_Match], list[st
             matches.append(_Match(key, path, None, tf, shapes[tied[1]][::-1], True))
             continue
         full = shapes[path]
+        if layer is not None and path.startswith(_VISION[1]) and full[0] <= layer:
+            if tower_layers is not None and layer < tower_layers:
+                continue  # after the feature layer: never run (architectures.py)
         if layer is not None and layer >= full[0]:
             errors.append(f"{key!r}: layer {layer} out of range, config has {full[0]} layers")
             continue
@@ -253,7 +291,7 @@ def _match(keys: Iterator[str], cfg: ModelConfig) -> tuple[list[_Match], list[st
     for name, path, layer, _ in _entries(cfg):
         if (path, layer) not in filled:
             at = "" if layer is None else f" layer {layer}"
-            errors.append(f"missing {path}{at} (e.g. {_hf_name(name, layer, 'hf')!r})")
+            errors.append(f"missing {path}{at} (e.g. {_hf_name(name, layer, LAYOUTS['hf'])!r})")
     return matches, errors
 
 
@@ -294,13 +332,14 @@ def hf_to_params(
     cfg: ModelConfig,
     *,
     dtype: str | np.dtype | None = None,
+    tower_layers: int | None = None,
 ) -> dict:
     """HF state dict (any layout of docs/reference.md 9) -> nested dict of numpy arrays.
 
     Values may be arrays, torch tensors, or zero-argument callables returning one.
     Keeps each source dtype unless `dtype` ("float32", "bfloat16", ...) is given.
     Raises one CheckpointError listing every unknown, missing, misshapen or
-    doubly-provided tensor.
+    doubly-provided tensor. `tower_layers`: the checkpoint's tower depth (`_match`).
 
     Tensors are read and written into their leaves by `_WORKERS` threads: numpy
     releases the GIL while copying, and the transposes of 16-bit kernels are the slow
@@ -309,7 +348,7 @@ def hf_to_params(
     """
     out_dtype = None if dtype is None else np.dtype(dtype)
     shapes = _target_shapes(cfg)
-    matches, errors = _match(iter(tensors), cfg)
+    matches, errors = _match(iter(tensors), cfg, tower_layers)
     out: dict[str, np.ndarray] = {}
     tied_heads: list[tuple[_Match, np.ndarray]] = []
     alloc = threading.Lock()
@@ -367,8 +406,7 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> di
     The default writes what the installed transformers' `save_pretrained` writes; a
     tied model gets no lm_head tensor (transformers re-ties on load).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    prefixes = _layout(cfg, layout)
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}  # one host copy per leaf
     errors = check_params({k: _shape(v) for k, v in flat.items()}, cfg)
     if errors:
@@ -376,7 +414,7 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> di
     out: dict[str, np.ndarray] = {}
     for name, path, layer, tf in _entries(cfg):
         y = flat[path] if layer is None else flat[path][layer]
-        out[_hf_name(name, layer, layout)] = tf.to_hf(y)
+        out[_hf_name(name, layer, prefixes)] = tf.to_hf(y)
     return out
 
 
@@ -388,17 +426,18 @@ def hf_entries(
     Same order as `params_to_hf`; all layers of one leaf are consecutive, so a writer
     can stream leaf by leaf.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    prefixes = _layout(cfg, layout)
     for name, path, layer, tf in _entries(cfg):
-        yield _hf_name(name, layer, layout), path, layer, tf
+        yield _hf_name(name, layer, prefixes), path, layer, tf
 
 
-def check_hf_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig) -> list[str]:
+def check_hf_shapes(
+    shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, tower_layers: int | None = None
+) -> list[str]:
     """Every problem `hf_to_params` would report that is visible from names + shapes alone.
 
     Lets a converter refuse bad input before reading any tensor data (the tied-head
     equality check still needs the data).
     """
-    matches, errors = _match(iter(shapes), cfg)
+    matches, errors = _match(iter(shapes), cfg, tower_layers)
     return errors + [p for m in matches if (p := _shape_problem(m, shapes[m.key])) is not None]

@@ -10,7 +10,6 @@ devices (sharded by our rules table) and its host copy is dropped.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from lov_jax.config import ModelConfig
 from lov_jax.convert import io_utils, orbax_io
 from lov_jax.convert.hf_keys import CheckpointError, check_hf_shapes, flatten, hf_to_params
-from lov_jax.convert.safetensors_io import hf_model_config, read_safetensors
+from lov_jax.convert.safetensors_io import hf_model_config, read_hf_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,26 +50,25 @@ class _Counted(Mapping):
         return len(self._t)
 
 
-def inspect_hf_dir(hf_dir: Path) -> tuple[ModelConfig | None, Any, list[str]]:
-    """(config, lazy tensors, problems) for an HF dir; reads headers only, never data."""
+def inspect_hf_dir(hf_dir: Path) -> tuple[ModelConfig | None, Any, int | None, list[str]]:
+    """(config, lazy tensors, the checkpoint's tower depth, problems) for an HF or original
+    LLaVA dir; reads headers only, never data."""
     problems: list[str] = []
-    cfg = tensors = hf_cfg = None
+    cfg = tensors = depth = None
     try:
-        hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        problems.append(f"{hf_dir / 'config.json'}: cannot read ({e})")
-    try:
-        tensors = read_safetensors(hf_dir, keep_pages=False)
+        hf_cfg, tensors, depth = read_hf_dir(hf_dir, keep_pages=False)
     except CheckpointError as e:
         problems.append(str(e))
-    if hf_cfg is not None and tensors is not None:
+    else:
         try:
             cfg = hf_model_config(hf_cfg, tensors, hf_dir)
         except (ValueError, TypeError) as e:
-            problems.append(f"{hf_dir / 'config.json'}: {e}")
+            where = hf_dir / "config.json"
+            problems.append(str(e) if str(where) in str(e) else f"{where}: {e}")
         else:
-            problems += check_hf_shapes({k: tensors.shape(k) for k in tensors}, cfg)
-    return cfg, tensors, problems
+            shapes = {k: tensors.shape(k) for k in tensors}
+            problems += check_hf_shapes(shapes, cfg, depth)
+    return cfg, tensors, depth, problems
 
 
 def _to_mesh(params: dict, cfg: ModelConfig, mesh) -> dict:
@@ -97,7 +95,8 @@ def hf_to_orbax(
     overwrite: bool = False,
     progress: bool = True,
 ) -> io_utils.RunStats:
-    """Convert an HF LLaVA-OneVision dir into an Orbax checkpoint at `out` (orbax_io layout).
+    """Convert an HF (llava-hf, transformers 5) or original LLaVA dir into an Orbax
+    checkpoint at `out` (orbax_io layout).
 
     `dtype` (float32/bfloat16/float16) casts the params; default keeps the file's dtype.
     `mesh`: a Mesh or a `--mesh` value ("fsdp=4,tensor=2", `sharding.MESH_HELP`) to place
@@ -109,7 +108,7 @@ def hf_to_orbax(
     problems = io_utils.output_problems(out, overwrite, [hf_dir])
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"--dtype {dtype!r} not in {DTYPES}")
-    cfg, tensors, found = inspect_hf_dir(hf_dir)
+    cfg, tensors, depth, found = inspect_hf_dir(hf_dir)
     io_utils.raise_if(problems + found, f"cannot convert {hf_dir}")
     if isinstance(mesh, str):
         from lov_jax.sharding import mesh_from_flag
@@ -119,7 +118,9 @@ def hf_to_orbax(
     used = sum(1 for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     with io_utils.atomic_output(out, overwrite) as tmp:
         with io_utils.progress(used, "hf-to-orbax", progress) as bar:
-            params = hf_to_params(_Counted(tensors, bar, stats), cfg, dtype=dtype)
+            params = hf_to_params(
+                _Counted(tensors, bar, stats), cfg, dtype=dtype, tower_layers=depth
+            )
         if mesh is not None:
             params = _to_mesh(params, cfg, mesh)
         orbax_io.save_checkpoint(tmp, params, cfg, assets_from=hf_dir)

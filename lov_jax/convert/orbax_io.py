@@ -41,14 +41,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lov_jax.config import ModelConfig
-from lov_jax.convert.hf_keys import CheckpointError, check_params, flatten, unflatten
+from lov_jax.convert.hf_keys import (
+    CheckpointError,
+    check_params,
+    flatten,
+    llm_leaves,
+    unflatten,
+)
 from lov_jax.convert.io_utils import copy_assets
 from lov_jax.convert.safetensors_io import load_checkpoint_tokenizer
 from lov_jax.token_ids import TokenIds, read_token_ids
 
 PARAMS, CONFIG, ASSETS = "params", "config", "assets"
-_EMBED = "language_model/embed_tokens/embedding"
-_LM_HEAD = "language_model/lm_head/kernel"
 _STEP = re.compile(r"^(?:.*_)?(\d+)$")  # "123" (Orbax default) or "<prefix>_123"
 
 
@@ -177,11 +181,14 @@ def read_config(step_dir: Path, meta: Mapping[str, tuple] | None = None) -> Mode
     hf = stored.get("model", stored) if isinstance(stored, dict) else None
     if not isinstance(hf, dict) or "text_config" not in hf:
         raise CheckpointError(f"{step_dir / CONFIG}: no model config (expected a 'model' key)")
-    cfg = ModelConfig.from_hf_config(hf)
+    from lov_jax import architectures
+
+    cfg = architectures.from_hf_config(hf, source=str(step_dir / CONFIG))
     meta = param_metadata(step_dir) if meta is None else meta
-    over: dict[str, Any] = {"tie_word_embeddings": _LM_HEAD not in meta}
-    if _EMBED in meta:
-        over["vocab_size"] = meta[_EMBED][0][0]
+    head, embed = llm_leaves(cfg)  # the LLM family's leaf names
+    over: dict[str, Any] = {"tie_word_embeddings": head not in meta}
+    if embed in meta:
+        over["vocab_size"] = meta[embed][0][0]
     text = dataclasses.replace(cfg.text, **over)
     if "token_ids" in stored:
         ids = TokenIds.from_json(stored["token_ids"], f"{step_dir / CONFIG}: token_ids")

@@ -24,7 +24,12 @@ import ml_dtypes
 import numpy as np
 
 from lov_jax.config import ModelConfig
-from lov_jax.convert.hf_keys import CheckpointError, canonical_name, hf_to_params
+from lov_jax.convert.hf_keys import (
+    CheckpointError,
+    canonical_name,
+    hf_to_params,
+    llm_canonical_names,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -122,11 +127,15 @@ class _File:
 class SafetensorsCheckpoint(Mapping):
     """Lazy {tensor name: read-only np.ndarray} over one or more safetensors files."""
 
-    def __init__(self, files: Mapping[str, _File]):
+    def __init__(self, files: Mapping[str, _File], stored: Mapping[str, str] | None = None):
         self._where = files
+        self._stored = stored or {}  # our name -> the name in its file (see `renamed`)
+
+    def _key(self, name: str) -> str:
+        return self._stored.get(name, name)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._where[name].get(name)
+        return self._where[name].get(self._key(name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -135,13 +144,21 @@ class SafetensorsCheckpoint(Mapping):
         return len(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._where[name].entries[name][1]
+        return self._where[name].entries[self._key(name)][1]
 
     def dtype(self, name: str) -> np.dtype:
-        return self._where[name].entries[name][0]
+        return self._where[name].entries[self._key(name)][0]
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path
+
+    def merged(self, other: SafetensorsCheckpoint, prefix: str) -> SafetensorsCheckpoint:
+        """This checkpoint plus `other`'s tensors named `prefix + name`."""
+        where, stored = dict(self._where), dict(self._stored)
+        for name in other:
+            where[prefix + name] = other._where[name]
+            stored[prefix + name] = other._key(name)
+        return SafetensorsCheckpoint(where, stored)
 
 
 def read_safetensors(path: str | os.PathLike, *, keep_pages: bool = True) -> SafetensorsCheckpoint:
@@ -234,6 +251,42 @@ def write_safetensors(
     return [out_dir / f for f in names]
 
 
+# Where an original LLaVA checkpoint's tower tensors are named when they come from the
+# `mm_vision_tower` dir (a CLIPVisionModel's `vision_model.*` / `embeddings.*` names).
+_ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+
+def read_hf_dir(
+    hf_dir: str | os.PathLike, *, keep_pages: bool = True
+) -> tuple[dict, SafetensorsCheckpoint, int]:
+    """(config.json dict, lazy tensors, the checkpoint's tower depth) of an HF or original
+    LLaVA dir; reads headers only.
+
+    An original (haotian-liu) checkpoint usually holds no tower weights: its code loads
+    them from `mm_vision_tower` (lov_jax/architectures.py); when that names a local dir,
+    its safetensors are read here as the tower's."""
+    from lov_jax import architectures
+
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "config.json"
+    try:
+        hf_cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    tensors = read_safetensors(hf_dir, keep_pages=keep_pages)
+    try:
+        depth = architectures.tower_layers(hf_cfg, hf_dir)
+        if architectures.is_original(hf_cfg):
+            _, tower_dir = architectures.tower_config(hf_cfg["mm_vision_tower"], hf_dir, str(path))
+            has_tower = any((canonical_name(k) or "").startswith("vision.") for k in tensors)
+            if tower_dir is not None and not has_tower:
+                tower = read_safetensors(tower_dir, keep_pages=keep_pages)
+                tensors = tensors.merged(tower, _ORIGINAL_TOWER_PREFIX)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    return hf_cfg, tensors, depth
+
+
 def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint, hf_dir: Path) -> ModelConfig:
     """ModelConfig from a config.json dict, with vocab size and tying read off the tensors
     and the special ids from the directory's files (`lov_jax.token_ids.read_token_ids`).
@@ -242,16 +295,19 @@ def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint, hf_dir: Path) 
     7B config lacks it, docs/reference.md 1.3). When config.json has no tie flag, the
     model is tied iff the checkpoint has no lm_head tensor.
     """
+    from lov_jax import architectures
     from lov_jax.token_ids import read_token_ids
 
-    cfg = ModelConfig.from_hf_config(hf_cfg)
+    cfg = architectures.from_hf_config(hf_cfg, checkpoint_dir=hf_dir)
+    head_name, embed_name = llm_canonical_names(cfg)
     canon = {canonical_name(k): k for k in tensors}
     text_over = {}
-    embed = canon.get("text.embed_tokens.weight")
+    embed = canon.get(embed_name)
     if embed is not None:
         text_over["vocab_size"] = tensors.shape(embed)[0]
-    if "tie_word_embeddings" not in hf_cfg.get("text_config", {}):
-        text_over["tie_word_embeddings"] = "lm_head.weight" not in canon
+    flags = hf_cfg if architectures.is_original(hf_cfg) else hf_cfg.get("text_config", {})
+    if "tie_word_embeddings" not in flags:
+        text_over["tie_word_embeddings"] = head_name not in canon
     text = dataclasses.replace(cfg.text, **text_over)
     ids = read_token_ids(
         hf_dir, hf_cfg, load_checkpoint_tokenizer(hf_dir), vocab_size=text.vocab_size
@@ -270,9 +326,8 @@ def load_checkpoint_tokenizer(directory: str | os.PathLike):
 def load_hf_checkpoint(
     hf_dir: str | os.PathLike, dtype: str | np.dtype | None = None, *, keep_pages: bool = True
 ) -> tuple[ModelConfig, dict]:
-    """HF LLaVA-OneVision dir (config.json + safetensors) -> (ModelConfig, numpy params)."""
+    """HF or original LLaVA dir (config.json + safetensors) -> (ModelConfig, numpy params)."""
     hf_dir = Path(hf_dir)
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    tensors = read_safetensors(hf_dir, keep_pages=keep_pages)
+    hf_cfg, tensors, depth = read_hf_dir(hf_dir, keep_pages=keep_pages)
     cfg = hf_model_config(hf_cfg, tensors, hf_dir)
-    return cfg, hf_to_params(tensors, cfg, dtype=dtype)
+    return cfg, hf_to_params(tensors, cfg, dtype=dtype, tower_layers=depth)

@@ -78,7 +78,8 @@ def _layers(hf: str, ours: str, rows: tuple[Row, ...]) -> tuple[Row, ...]:
     return tuple((f"{hf}.{{layer}}.{a}", f"{ours}/{b}", tf) for a, b, tf in rows)
 
 
-_SIGLIP_LAYER = (
+# The pre-LN ViT layer SigLIP and CLIP share (lov_jax/models/vit.py).
+_VIT_LAYER = (
     *_norm("layer_norm1", "layer_norm1", bias=True),
     *_norm("layer_norm2", "layer_norm2", bias=True),
     *((f"self_attn.{n}.weight", f"self_attn/{n}/kernel", T.HEADS_QKV) for n in _QKV),
@@ -92,11 +93,25 @@ SIGLIP: tuple[Row, ...] = (
     ("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", T.CONV),
     ("embeddings.patch_embedding.bias", "embeddings/patch_embedding/bias", T.IDENTITY),
     ("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding", T.IDENTITY),
-    *_layers("encoder.layers", "encoder/layers", _SIGLIP_LAYER),
+    *_layers("encoder.layers", "encoder/layers", _VIT_LAYER),
     *_norm("post_layernorm", "post_layernorm", bias=True),
 )
+# CLIPVisionTransformer: no conv bias, a class vector, pre_layrnorm (HF's spelling). Its
+# post_layernorm (pooler only) and the layers past the feature layer are not ours to
+# store: CLIP_UNUSED names them (an importer skips them, an exporter may fill them).
+CLIP: tuple[Row, ...] = (
+    ("embeddings.class_embedding", "embeddings/class_embedding", T.IDENTITY),
+    ("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", T.CONV),
+    ("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding", T.IDENTITY),
+    *_norm("pre_layrnorm", "pre_layrnorm", bias=True),
+    *_layers("encoder.layers", "encoder/layers", _VIT_LAYER),
+)
+CLIP_UNUSED: tuple[str, ...] = ("post_layernorm.weight", "post_layernorm.bias")
 
-_QWEN2_LAYER = (
+# One decoder (lov_jax/models/decoder.py) for Qwen-2, Llama and Mistral: the q/k/v bias
+# rows fill leaves only a config with attention_bias=True has (Qwen-2), so a Llama /
+# Mistral model neither reads nor writes them.
+_DECODER_LAYER = (
     *_norm("input_layernorm", "input_layernorm", bias=False),
     *_norm("post_attention_layernorm", "post_attention_layernorm", bias=False),
     *((f"self_attn.{n}.weight", f"self_attn/{n}/kernel", T.HEADS_QKV) for n in _QKV),
@@ -108,9 +123,9 @@ _QWEN2_LAYER = (
         for r in _linear(f"mlp.{n}", f"mlp/{n}", False)
     ),
 )
-QWEN2: tuple[Row, ...] = (
+DECODER: tuple[Row, ...] = (
     ("model.embed_tokens.weight", "embed_tokens/embedding", T.IDENTITY),
-    *_layers("model.layers", "layers", _QWEN2_LAYER),
+    *_layers("model.layers", "layers", _DECODER_LAYER),
     *_norm("model.norm", "norm", bias=False),
     ("lm_head.weight", "lm_head/kernel", T.LINEAR),  # only an untied model has this leaf
 )

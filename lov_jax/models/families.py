@@ -12,7 +12,11 @@ Module interfaces (constructor arguments are positional):
     projector  Module(hidden_size, dtype, param_dtype): float[..., D] -> float[..., H]
     llm        Module(cfg: TextConfig, dtype, param_dtype, remat, attention_impl) with
                `embed_tokens`, `__call__(inputs, positions, segment_ids, cache=None, *,
-               output)` and `head_kernel()` (lov_jax/models/qwen2.py documents them)
+               output)` and `head_kernel()` (lov_jax/models/decoder.py documents them)
+
+Registered: towers "siglip" (OneVision) and "clip" (LLaVA-1.5 / NeXT); projectors
+"mlp2x_gelu" and "linear"; LLMs "qwen2", "llama" (Vicuna, Llama-3) and "mistral", the
+three through one decoder (lov_jax/models/decoder.py) and one key table.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from typing import Any
 
 import flax.linen as nn
 
-from lov_jax.config import TextConfig, VisionConfig
+from lov_jax.config import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    VISION_ACTS,
+    TextConfig,
+    VisionConfig,
+)
 from lov_jax.convert import key_tables
+from lov_jax.models.clip import ClipVisionTower
+from lov_jax.models.decoder import Decoder
 from lov_jax.models.projector import LinearProjector, MultiModalProjector
-from lov_jax.models.qwen2 import Qwen2Model
 from lov_jax.models.siglip import SiglipVisionTower
 
 
@@ -38,6 +49,8 @@ class Family:
     vision_config / text_config dict; for a projector, the top-level keys). hf_model_type:
     the `model_type` that names it in config.json (None: projectors have none).
     tied: (head path, embedding path) of an LLM whose head may be tied to its embedding.
+    unused: HF names (relative, like `keys`) a checkpoint may hold that the module never
+    uses and does not store (CLIP's post_layernorm): an importer skips them.
     """
 
     kind: str
@@ -47,6 +60,7 @@ class Family:
     to_hf: Callable[[Any], dict]
     hf_model_type: str | None = None
     tied: tuple[str, str] | None = None
+    unused: tuple[str, ...] = ()
 
 
 # ---- config.json readers / writers ----------------------------------------------------
@@ -83,31 +97,94 @@ def _siglip_to_hf(v: VisionConfig) -> dict:
     }
 
 
-def _qwen2_from_hf(t: dict) -> TextConfig:
-    if t.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=true is not supported (OV never uses it)")
-    rope = t.get("rope_parameters") or {}
-    hidden = t.get("hidden_size", 4096)
-    heads = t.get("num_attention_heads", 32)
-    return TextConfig(
-        kind="qwen2",
-        vocab_size=t.get("vocab_size", 151936),
-        hidden_size=hidden,
-        intermediate_size=t.get("intermediate_size", 22016),
-        num_layers=t.get("num_hidden_layers", 32),
-        num_heads=heads,
-        num_kv_heads=t.get("num_key_value_heads") or heads,
-        head_dim=t.get("head_dim") or hidden // heads,
-        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=t.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
+def _clip_from_hf(v: dict) -> VisionConfig:
+    """A `clip_vision_model` vision_config (CLIPVisionConfig defaults). `num_layers` is the
+    file's; the architecture level keeps only the feature layer's depth
+    (lov_jax/architectures.py) and sets `feature_select`."""
+    act = v.get("hidden_act", "quick_gelu")
+    if act not in VISION_ACTS:
+        raise ValueError(f"vision_config.hidden_act {act!r} not in {VISION_ACTS}")
+    return VisionConfig(
+        kind="clip",
+        hidden_size=v.get("hidden_size", 768),
+        intermediate_size=v.get("intermediate_size", 3072),
+        num_layers=v.get("num_hidden_layers", 12),
+        num_heads=v.get("num_attention_heads", 12),
+        patch_size=v.get("patch_size", 32),
+        image_size=v.get("image_size", 224),
+        num_channels=v.get("num_channels", 3),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+        hidden_act=act,
+        feature_select="default",  # every CLIP LLaVA checkpoint drops CLS
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
     )
 
 
-def _qwen2_to_hf(t: TextConfig) -> dict:
+def _clip_to_hf(v: VisionConfig) -> dict:
+    """`num_hidden_layers` = the layers we keep (export with vision_feature_layer -1)."""
     return {
-        "model_type": "qwen2",
+        "model_type": "clip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "patch_size": v.patch_size,
+        "image_size": v.image_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act,
+        "attention_dropout": 0.0,
+    }
+
+
+# ---- LLMs: one decoder, three config.json dialects --------------------------------------
+
+
+def _check(t: dict, field: str, ok, want: str) -> None:
+    if field in t and not ok(t[field]):
+        raise ValueError(f"text_config.{field} = {t[field]!r}: {want}")
+
+
+def _rope_theta(t: dict) -> float:
+    """rope_parameters (transformers 5) or rope_theta + rope_scaling (4.x); only the
+    default rope (no scaling) for now."""
+    rope = t.get("rope_parameters") or {}
+    scaling = t.get("rope_scaling") or {}
+    for field, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"text_config.{field} rope_type {kind!r}: only 'default' RoPE")
+    return float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
+
+
+def _decoder_from_hf(t: dict, kind: str, defaults: dict) -> dict:
+    """The TextConfig fields every family reads alike; `defaults`: its HF config's."""
+    _check(t, "hidden_act", lambda a: a == "silu", "the decoder's MLP is SwiGLU (silu)")
+    _check(t, "mlp_bias", lambda b: not b, "MLP biases are not supported")
+    _check(t, "pretraining_tp", lambda n: n in (None, 1), "only pretraining_tp 1")
+    _check(t, "layer_types", lambda ts: len(set(ts or ())) <= 1, "one attention type for all")
+    d = {**defaults, **{k: v for k, v in t.items() if v is not None}}
+    hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    return {
+        "kind": kind,
+        "vocab_size": d["vocab_size"],
+        "hidden_size": hidden,
+        "intermediate_size": d["intermediate_size"],
+        "num_layers": d["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": d.get("num_key_value_heads") or heads,
+        "head_dim": d.get("head_dim") or hidden // heads,
+        "rope_theta": _rope_theta(t),
+        "rms_norm_eps": d["rms_norm_eps"],
+        "max_position_embeddings": d["max_position_embeddings"],
+        "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
+    }
+
+
+def _decoder_to_hf(t: TextConfig, model_type: str) -> dict:
+    return {
+        "model_type": model_type,
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -121,10 +198,66 @@ def _qwen2_to_hf(t: TextConfig) -> dict:
         "rope_theta": t.rope_theta,
         "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
         "tie_word_embeddings": t.tie_word_embeddings,
-        "use_sliding_window": False,
-        "sliding_window": None,
         "attention_dropout": 0.0,
     }
+
+
+# transformers' config-class defaults for the fields a config.json may omit
+_QWEN2_DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+}  # fmt: skip
+_LLAMA_DEFAULTS = {**_QWEN2_DEFAULTS, "vocab_size": 32000, "intermediate_size": 11008,
+                   "max_position_embeddings": 2048}  # fmt: skip
+_MISTRAL_DEFAULTS = {**_LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
+                     "max_position_embeddings": 4096 * 32}  # fmt: skip
+
+
+def _qwen2_from_hf(t: dict) -> TextConfig:
+    # Qwen-2 always has q/k/v biases; its window applies only with use_sliding_window
+    _check(t, "use_sliding_window", lambda u: not u, "not supported (OV never uses it)")
+    return TextConfig(**_decoder_from_hf(t, "qwen2", _QWEN2_DEFAULTS), attention_bias=True)
+
+
+def _qwen2_to_hf(t: TextConfig) -> dict:
+    if not t.attention_bias or t.sliding_window is not None:
+        raise ValueError("a qwen2 text config has q/k/v biases and no sliding window")
+    return {**_decoder_to_hf(t, "qwen2"), "use_sliding_window": False, "sliding_window": None}
+
+
+def _llama_from_hf(t: dict) -> TextConfig:
+    _check(t, "sliding_window", lambda w: w is None, "Llama has no sliding window")
+    # LlamaAttention's attention_bias biases o_proj as well as q/k/v (unlike Qwen-2's);
+    # no LLaVA checkpoint sets it
+    _check(t, "attention_bias", lambda b: not b, "q/k/v/o biases are not supported")
+    return TextConfig(**_decoder_from_hf(t, "llama", _LLAMA_DEFAULTS), attention_bias=False)
+
+
+def _llama_to_hf(t: TextConfig) -> dict:
+    if t.sliding_window is not None or t.attention_bias:
+        raise ValueError("a llama text config has no biases or sliding window")
+    return {**_decoder_to_hf(t, "llama"), "attention_bias": False, "mlp_bias": False}
+
+
+def _mistral_from_hf(t: dict) -> TextConfig:
+    # MistralConfig's default window is 4096; an explicit null is full causal attention
+    # (MistralModel picks create_causal_mask then), e.g. Mistral-7B-Instruct-v0.2.
+    window = t["sliding_window"] if "sliding_window" in t else 4096
+    _check(t, "sliding_window", lambda w: w is None or (isinstance(w, int) and w >= 1),
+           "an int >= 1 or null")  # fmt: skip
+    _check(t, "attention_bias", lambda b: not b, "Mistral has no attention biases")
+    return TextConfig(
+        **_decoder_from_hf(t, "mistral", _MISTRAL_DEFAULTS),
+        attention_bias=False,
+        sliding_window=window,
+    )
+
+
+def _mistral_to_hf(t: TextConfig) -> dict:
+    if t.attention_bias:
+        raise ValueError("a mistral text config has no attention biases: use kind 'llama'")
+    return {**_decoder_to_hf(t, "mistral"), "sliding_window": t.sliding_window}
 
 
 def _mlp2x_gelu_from_hf(hf: dict) -> str:
@@ -153,6 +286,10 @@ VISION: dict[str, Family] = {
         "siglip", SiglipVisionTower, key_tables.SIGLIP, _siglip_from_hf, _siglip_to_hf,
         hf_model_type="siglip_vision_model",
     ),
+    "clip": Family(
+        "clip", ClipVisionTower, key_tables.CLIP, _clip_from_hf, _clip_to_hf,
+        hf_model_type="clip_vision_model", unused=key_tables.CLIP_UNUSED,
+    ),
 }  # fmt: skip
 PROJECTORS: dict[str, Family] = {
     "mlp2x_gelu": Family(
@@ -163,12 +300,15 @@ PROJECTORS: dict[str, Family] = {
         "linear", LinearProjector, key_tables.LINEAR, lambda _: "linear", _linear_to_hf
     ),
 }  # fmt: skip
+_TIED = ("lm_head/kernel", "embed_tokens/embedding")
 LLMS: dict[str, Family] = {
-    "qwen2": Family(
-        "qwen2", Qwen2Model, key_tables.QWEN2, _qwen2_from_hf, _qwen2_to_hf, hf_model_type="qwen2",
-        tied=("lm_head/kernel", "embed_tokens/embedding"),
-    ),
-}  # fmt: skip
+    kind: Family(kind, Decoder, key_tables.DECODER, read, write, hf_model_type=kind, tied=_TIED)
+    for kind, read, write in (
+        ("qwen2", _qwen2_from_hf, _qwen2_to_hf),
+        ("llama", _llama_from_hf, _llama_to_hf),
+        ("mistral", _mistral_from_hf, _mistral_to_hf),
+    )
+}
 
 
 def _get(table: dict[str, Family], role: str, kind: str) -> Family:

@@ -91,7 +91,7 @@ class LlavaOnevision(nn.Module):
         *,
         output: str = "logits",
     ):
-        """The LLM's `output` (qwen2.OUTPUTS) over the merged embeddings; `(out, cache)`
+        """The LLM's `output` (decoder.OUTPUTS) over the merged embeddings; `(out, cache)`
         with a cache. "logits" materialises float32[B, L, V]: train on "hidden" with the
         chunked loss."""
         embeds = self.embed_inputs(tokens, pixels, vis_idx, vis_w)

@@ -14,9 +14,9 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lov_jax.convert.safetensors_io import load_hf_checkpoint
+from lov_jax.models.decoder import Decoder
 from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.models.projector import MultiModalProjector
-from lov_jax.models.qwen2 import Qwen2Model
 from lov_jax.models.siglip import SiglipVisionTower
 from lov_jax.testing.hf_checkpoints import (
     hf_logits,
@@ -108,7 +108,7 @@ def test_qwen2_parity(fixture, request):
     with torch.no_grad():
         ref = loaded.hf.model.language_model(input_ids=torch.from_numpy(ids)).last_hidden_state
         ref_logits = loaded.hf.lm_head(ref).numpy()
-    lm = Qwen2Model(cfg)
+    lm = Decoder(cfg)
     variables = {"params": loaded.params["language_model"]}
     positions = np.broadcast_to(np.arange(37), (2, 37))
     ours = lm.apply(variables, jnp.asarray(ids), jnp.asarray(positions), jnp.ones((2, 37)))

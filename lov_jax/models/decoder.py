@@ -1,4 +1,11 @@
-"""Qwen-2 decoder (docs/reference.md 1.3) with segment-aware causal attention.
+"""The decoder-only LLM of every family: Qwen-2 (docs/reference.md 1.3), Llama (Vicuna,
+Llama-3) and Mistral (docs/reference_family.md A.4), with segment-aware causal attention.
+
+One module, two config switches: `TextConfig.attention_bias` (q/k/v biases: Qwen-2 yes,
+Llama / Mistral no; o_proj and the MLP never have one) and `TextConfig.sliding_window`
+(Mistral: a query sees its W most recent keys, HF's `create_sliding_window_causal_mask`,
+in training, prefill and cached decode alike; None = full causal). Everything else (pre
+RMSNorm, SwiGLU, rotate_half RoPE, GQA, untied or tied head) is shared.
 
 Differences from HF's layout: projection kernels are stored head-split
 (`q_proj.kernel: [H, N, Dh]`, `o_proj.kernel: [N, Dh, H]`) and layers are
@@ -43,7 +50,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-class Qwen2Attention(nn.Module):
+class Attention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -58,9 +65,10 @@ class Qwen2Attention(nn.Module):
         """
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = dense((nh, hd), axes=("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x)
-        k = dense((kvh, hd), axes=("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
-        v = dense((kvh, hd), axes=("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        qkv = {**kw, "use_bias": cfg.attention_bias}
+        q = dense((nh, hd), axes=("embed", "q_heads", "head_dim"), name="q_proj", **qkv)(x)
+        k = dense((kvh, hd), axes=("embed", "kv_heads", "head_dim"), name="k_proj", **qkv)(x)
+        v = dense((kvh, hd), axes=("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, N|K, Dh]
         new_kv = None
         if kv is not None:
@@ -72,13 +80,13 @@ class Qwen2Attention(nn.Module):
         if kv is None or index is None:
             out = dot_product_attention(
                 q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                impl=self.attention_impl,
+                sliding_window=cfg.sliding_window, impl=self.attention_impl,
             )  # fmt: skip
         else:
             k, v = (t.astype(q.dtype) for t in new_kv)
             out = dot_product_attention(
                 q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=True,
-                q_offset=index, impl="xla",
+                q_offset=index, sliding_window=cfg.sliding_window, impl="xla",
             )  # fmt: skip
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", None)
@@ -90,7 +98,7 @@ class Qwen2Attention(nn.Module):
         return out, new_kv
 
 
-class Qwen2MLP(nn.Module):
+class MLP(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -107,7 +115,7 @@ class Qwen2MLP(nn.Module):
         return dense(self.cfg.hidden_size, axes=("mlp", "embed"), name="down_proj", **kw)(h)
 
 
-class Qwen2DecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -118,15 +126,15 @@ class Qwen2DecoderLayer(nn.Module):
         """(x, this layer's updated (k, v) or None): the scan's carry and per-layer output."""
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        attn = Qwen2Attention(cfg, **kw, attention_impl=self.attention_impl, name="self_attn")
+        attn = Attention(cfg, **kw, attention_impl=self.attention_impl, name="self_attn")
         h, kv = attn(h, cos, sin, segment_ids, kv, kv_segment_ids, index)
         x = nn.with_logical_constraint(x + h, _ACT)
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
-        h = Qwen2MLP(cfg, **kw, name="mlp")(h)
+        h = MLP(cfg, **kw, name="mlp")(h)
         return nn.with_logical_constraint(x + h, _ACT), kv
 
 
-class Qwen2Model(nn.Module):
+class Decoder(nn.Module):
     """Embeddings, stacked decoder layers, final norm and (untied) lm_head.
 
     The LLM-family interface (lov_jax/models/families.py): `embed_tokens` (nn.Embed),
@@ -153,7 +161,7 @@ class Qwen2Model(nn.Module):
         # its slot labels and write index broadcast.
         bcast = nn.broadcast
         self.layers = scanned(
-            Qwen2DecoderLayer,
+            DecoderLayer,
             remat=self.remat,
             length=cfg.num_layers,
             name="layers",

@@ -1,0 +1,268 @@
+"""The LLaVA-1.5 / NeXT parts vs HF (PyTorch, CPU, fp32; docs/reference_family.md A.14):
+the CLIP tower vs `CLIPVisionModel.hidden_states[-2]` (only the layers used are run),
+Llama / Mistral vs `LlamaForCausalLM` / `MistralForCausalLM` (GQA, a sliding window
+shorter than the sequence, packed segments, cached decode), the families' config.json
+readers, and the full LLaVA-1.5 model vs `LlavaForConditionalGeneration`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from lov_jax import config
+from lov_jax.convert.key_tables import Row
+from lov_jax.models import families
+from lov_jax.models.kv_cache import KVCache
+
+ATOL = 1e-4
+
+
+def _check(ours, ref, atol=ATOL):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    diff = float(np.max(np.abs(ours - ref)))
+    assert diff <= atol, f"max-abs-diff {diff:.3g} > {atol}"
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Random init leaves norms at 1/0 and biases at 0: move them so a missing or
+    misplaced term shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "class_embedding" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _params_from_table(rows: tuple[Row, ...], state: dict, shapes: dict, prefix: str = "") -> dict:
+    """A family's key table read forwards on a torch state dict -> our nested params (the
+    leaves of `shapes`, {path: shape}); stacked leaves take layers 0..n-1 only."""
+    out: dict = {}
+    for hf, path, tf in rows:
+        if path not in shapes:
+            continue
+        shape = shapes[path]
+        if "{layer}" in hf:
+            layers = [state[prefix + hf.format(layer=i)].numpy() for i in range(shape[0])]
+            value = np.stack([tf.to_ours(x, shape[1:]) for x in layers])
+        else:
+            value = tf.to_ours(state[prefix + hf].numpy(), shape)
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    return out
+
+
+def _shapes(module, *args) -> dict:
+    from lov_jax.convert.hf_keys import flatten
+
+    tree = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+    tree = nn.meta.unbox(tree)
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+# ---- CLIP tower ---------------------------------------------------------------------------
+
+# image 70 = 5x5 patches of 14 (25 + CLS); 4 layers in the file, -2 keeps 3.
+CLIP_HF = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "image_size": 70, "patch_size": 14}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    hf = CLIPVisionModel(CLIPVisionConfig(**CLIP_HF)).eval()
+    _perturb(hf, 0)
+    return hf
+
+
+@pytest.mark.parametrize("select", ["default", "full"])
+def test_clip_tower_equals_hidden_states_minus_2(clip, select):
+    from lov_jax.models.clip import ClipVisionTower
+
+    vcfg = families.vision("clip").from_hf(clip.config.to_dict())
+    assert vcfg.hidden_act == "quick_gelu" and vcfg.layer_norm_eps == 1e-5
+    vcfg = dataclasses.replace(vcfg, num_layers=3, feature_select=select)  # hs[-2] of 4
+    assert vcfg.num_features == 25 + (select == "full")
+    # odd content: saturated rows, a constant crop, noise
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 256, (3, 70, 70, 3), dtype=np.uint8)
+    crops[0, :9] = 255
+    crops[1] = 7
+    x = crops.astype(np.float32) / 255
+    x = (x - np.float32(config.OPENAI_CLIP_MEAN)) / np.float32(config.OPENAI_CLIP_STD)
+    with torch.no_grad():
+        out = clip(torch.from_numpy(x.transpose(0, 3, 1, 2)), output_hidden_states=True)
+    ref = out.hidden_states[-2].numpy()
+    ref = ref[:, 1:] if select == "default" else ref
+    tower = ClipVisionTower(vcfg)
+    shapes = _shapes(tower, jnp.asarray(crops))
+    assert shapes["encoder/layers/mlp/fc1/kernel"][0] == 3
+    assert not any("post_layernorm" in p for p in shapes)  # never used, never stored
+    assert "embeddings/patch_embedding/bias" not in shapes
+    params = _params_from_table(families.vision("clip").keys, clip.state_dict(),
+                                shapes)  # fmt: skip
+    ours = tower.apply({"params": params}, jnp.asarray(crops))
+    _check(ours, ref)
+    # the float path (already normalised pixels) is the same tower
+    _check(tower.apply({"params": params}, jnp.asarray(x)), ref)
+    # a wrong size is refused as HF refuses it
+    with pytest.raises(ValueError, match="takes 70x70 crops"):
+        tower.apply({"params": params}, jnp.zeros((1, 84, 84, 3), jnp.uint8))
+
+
+# ---- Llama / Mistral -----------------------------------------------------------------------
+
+LLM_SIZES = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 56,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 8, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}  # fmt: skip
+
+
+def _hf_llm(kind: str, seed: int, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    cls, model = {"llama": (LlamaConfig, LlamaForCausalLM),
+                  "mistral": (MistralConfig, MistralForCausalLM)}[kind]  # fmt: skip
+    torch.manual_seed(seed)
+    hf_cfg = cls(**{**LLM_SIZES, **kw})
+    hf = model(hf_cfg).eval()
+    _perturb(hf, seed)
+    return hf
+
+
+class _Ours:
+    def __init__(self, hf, kind: str):
+        from lov_jax.models.decoder import Decoder
+
+        self.cfg = families.llm(kind).from_hf(hf.config.to_dict())
+        self.model = Decoder(self.cfg)
+        ids = jnp.zeros((1, 4), jnp.int32)
+        shapes = _shapes(self.model, ids, ids, jnp.ones_like(ids))
+        self.params = _params_from_table(families.llm(kind).keys, hf.state_dict(), shapes)
+        self.shapes = shapes
+
+    def __call__(self, ids, positions, segment_ids, cache=None):
+        return self.model.apply(
+            {"params": self.params}, jnp.asarray(ids), jnp.asarray(positions),
+            jnp.asarray(segment_ids), cache,
+        )  # fmt: skip
+
+
+def _hf_logits(hf, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+
+
+LLMS = {
+    # Vicuna-style MHA without biases (rope 1e4)
+    "llama_mha": ("llama", {"num_key_value_heads": 4}),
+    # Llama-3 style: GQA, rope_theta 5e5, head_dim != hidden / heads
+    "llama3_gqa": ("llama", {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"},
+                             "head_dim": 16}),
+    "mistral_window": ("mistral", {"sliding_window": 5,
+                                   "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}),
+    "mistral_null": ("mistral", {"sliding_window": None}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(LLMS))
+def llm(request):
+    kind, kw = LLMS[request.param]
+    hf = _hf_llm(kind, seed=len(request.param), **kw)
+    return request.param, hf, _Ours(hf, kind)
+
+
+def test_llm_logits_equal_hf(llm):
+    name, hf, ours = llm
+    kind, kw = LLMS[name]
+    assert ours.cfg.kind == kind and ours.cfg.attention_bias is False
+    assert ours.cfg.sliding_window == kw.get("sliding_window", 4096 if kind == "mistral" else None)
+    assert not any(p.endswith("q_proj/bias") for p in ours.shapes)
+    ids = np.random.default_rng(1).integers(0, 101, (2, 23))
+    pos = np.broadcast_to(np.arange(23), ids.shape)
+    ref = _hf_logits(hf, ids)
+    _check(ours(ids, pos, np.ones_like(ids)), ref)
+    if ours.cfg.sliding_window is not None and ours.cfg.sliding_window < ids.shape[1]:
+        # the window is doing something: full causal attention is another model
+        from lov_jax.models.decoder import Decoder
+
+        full = Decoder(dataclasses.replace(ours.cfg, sliding_window=None))
+        out = full.apply({"params": ours.params}, ids, pos, np.ones_like(ids))
+        assert np.max(np.abs(np.asarray(out) - ref)) > 100 * ATOL
+
+
+def test_llm_packed_segments_equal_separate_hf_calls(llm):
+    """Two samples in one row (positions restart, segment ids 1, 2, padding 0) give each
+    sample's own HF logits: neither attention nor the window crosses a segment."""
+    _, hf, ours = llm
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 101, 13), rng.integers(0, 101, 9)
+    row = np.zeros(26, np.int64)
+    row[:13], row[13:22] = a, b
+    seg = np.zeros(26, np.int32)
+    seg[:13], seg[13:22] = 1, 2
+    pos = np.zeros(26, np.int32)
+    pos[:13], pos[13:22] = np.arange(13), np.arange(9)
+    out = np.asarray(ours(row[None], pos[None], seg[None]))[0]
+    _check(out[:13], _hf_logits(hf, a[None])[0])
+    _check(out[13:22], _hf_logits(hf, b[None])[0])
+
+
+def test_llm_cached_decode_equals_full_forward(llm):
+    """Prefill 7 tokens into an empty cache, then decode one token at a time: every step's
+    logits equal the full forward's at that position (and HF's), with the window."""
+    _, hf, ours = llm
+    cfg = ours.cfg
+    ids = np.random.default_rng(4).integers(0, 101, (1, 16))
+    full = np.asarray(ours(ids, np.arange(16)[None], np.ones_like(ids)))
+    _check(full, _hf_logits(hf, ids))
+    seg = jnp.ones((1, 16), jnp.int32)
+    cache = KVCache.empty(cfg.num_layers, seg, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    step = jax.jit(lambda p, i, q, s, c: ours.model.apply({"params": p}, i, q, s, c))
+    logits, cache = step(ours.params, ids[:, :7], jnp.arange(7)[None], seg[:, :7], cache)
+    got = [np.asarray(logits)[0]]
+    for t in range(7, 16):
+        logits, cache = step(ours.params, ids[:, t : t + 1], jnp.full((1, 1), t), seg[:, :1],
+                             cache)  # fmt: skip
+        got.append(np.asarray(logits)[0])
+    _check(np.concatenate(got), full[0])
+
+
+def test_llm_config_readers_validate_fields():
+    base = _hf_llm("llama", 0).config.to_dict()
+    read = families.llm("llama").from_hf
+    assert families.llm("llama").to_hf(read(base))["num_key_value_heads"] == 2
+    assert read(families.llm("llama").to_hf(read(base))) == read(base)
+    bad = {
+        "mlp_bias": True,
+        "hidden_act": "gelu",
+        "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5},
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "sliding_window": 8,
+    }
+    for field, value in bad.items():
+        with pytest.raises(ValueError, match=f"text_config.{field}"):
+            read({**base, field: value})
+    mistral = families.llm("mistral").from_hf
+    assert mistral({**base, "model_type": "mistral", "sliding_window": None}).sliding_window is None
+    no_key = {k: v for k, v in base.items() if k != "sliding_window"}
+    assert mistral(no_key).sliding_window == 4096  # MistralConfig's default
+    with pytest.raises(ValueError, match="text_config.attention_bias"):
+        mistral({**base, "attention_bias": True})
+    with pytest.raises(ValueError, match="text_config.sliding_window"):
+        mistral({**base, "sliding_window": 0})
+    with pytest.raises(ValueError, match="text_config.attention_bias"):
+        read({**base, "attention_bias": True})  # HF's would bias o_proj too
+    assert families.llm("mistral").to_hf(mistral(base))["sliding_window"] == 4096
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        families.llm("qwen2").from_hf({**base, "use_sliding_window": True})

@@ -1,11 +1,22 @@
 """HF-compatible image/video preprocessing on the host (numpy + Pillow), channels-last.
 
-Pixel-exact with `transformers.LlavaOnevisionImageProcessorPil` (the PIL backend, which
-matches the original LLaVA-NeXT code; docs/reference.md 2, 4.1, 5.2). Crops stay uint8 until
-`normalize`, so the host can ship uint8 pixels and the device normalises the same way.
+Pixel-exact with transformers' PIL-backend image processors (docs/reference.md 2, 4.1,
+5.2; docs/reference_family.md A.5, A.7.1):
+  "anyres"       LlavaOnevisionImageProcessorPil and LlavaNextImageProcessorPil (the same
+                 steps: best pinpoint, aspect-keeping bicubic resize, black padding, SxS
+                 grid crops after a base image resized straight to SxS)
+  "pad"          expand2square with the mean colour, then resize to SxS: OneVision's
+                 multi-image crops, the original LLaVA-1.5 `image_aspect_ratio=pad`
+                 (= LlavaImageProcessorPil(do_pad=True))
+  "center_crop"  CLIPImageProcessorPil: shortest edge to S (bicubic) + center crop SxS
+                 (llava-hf LLaVA-1.5)
+  "square"       direct bicubic resize to SxS (stage 1; video frames alike)
+`image_kind` picks the kind of every image of a prompt or record from the config.
 
-Layout deviation from HF: crops are uint8[n, 384, 384, 3] (channels-last), HF's
-pixel_values are float32[n, 3, 384, 384].
+Crops stay uint8 until `normalize`, so the host can ship uint8 pixels and the device
+normalises the same way (mean / std are the tower's: `VisionConfig.image_mean/_std`).
+Layout deviation from HF: crops are uint8[n, S, S, 3] (channels-last), HF's pixel_values
+are float32[n, 3, S, S].
 """
 
 from __future__ import annotations
@@ -15,24 +26,56 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lov_jax.config import ModelConfig
-from lov_jax.visual_layout import VisualItem, select_best_resolution
+from lov_jax.config import ModelConfig, VisionConfig
+from lov_jax.visual_layout import KINDS, VisualItem, select_best_resolution
 
-# SigLIP normalisation (hub preprocessor_config.json overrides HF's CLIP class defaults).
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
-# Multi-image pad-to-square background, as HF: tuple(int(m * 255) for m in image_mean).
-PAD_COLOR = tuple(int(m * 255) for m in IMAGE_MEAN)  # (127, 127, 127)
+
+def pad_color(vision: VisionConfig) -> tuple[int, ...]:
+    """Pad-to-square background, as HF and the original: int(m * 255) per channel mean."""
+    return tuple(int(m * 255) for m in vision.image_mean)
+
+
+PAD_COLOR = pad_color(VisionConfig())  # SigLIP (OneVision): (127, 127, 127)
+# PIL modes whose samples exceed 8 bits: PIL's (and so HF's) RGB conversion clips them.
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _array_to_rgb(image: np.ndarray) -> Image.Image:
+    """uint8[H, W] / [H, W, 1|3|4] -> RGB, as HF's numpy `convert_to_rgb` (alpha blended
+    onto white in float64, then np.round)."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"image array has dtype {image.dtype}: expected uint8[H, W, C]")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image array of shape {image.shape}: expected [H, W] or [H, W, 1|3|4]")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    elif image.shape[-1] == 4:
+        alpha = image[..., 3:4] / 255
+        image = np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(image))
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     """RGB PIL image. Transparency is composited onto white, as HF's `convert_to_rgb`.
 
     (The original LLaVA-NeXT code calls `.convert("RGB")`, which drops alpha instead;
-    the two differ only on transparent pixels.)
+    the two differ only on transparent pixels.) A zero-size image and 16-bit / 32-bit /
+    float images are a ValueError: PIL's RGB conversion, which HF uses, would clip every
+    sample above 255 to white.
     """
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
+        if 0 in image.shape[:2]:
+            raise ValueError(f"image array of shape {image.shape} is empty")
+        return _array_to_rgb(image)
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image has zero size {image.width}x{image.height} (W x H)")
+    if image.mode in _WIDE_MODES:
+        raise ValueError(
+            f"image mode {image.mode!r} has samples wider than 8 bits: convert it to 8-bit "
+            "RGB first (PIL's and HF's RGB conversion would clip them at 255)"
+        )
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -84,8 +127,29 @@ def square_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray
     return _resize(to_rgb(image), s, s)[None]
 
 
+def center_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """llava-hf LLaVA-1.5 (docs/reference_family.md A.5.1): `CLIPImageProcessor` with
+    shortest_edge = crop = S. Returns uint8[1, S, S, 3].
+
+    HF `get_resize_output_image_size(default_to_square=False)`: the short side becomes S,
+    the long side int(S * long / short) (truncated); bicubic; then the SxS window at
+    ((H' - S) // 2, (W' - S) // 2). A non-square image loses the ends of its long side.
+    """
+    image = to_rgb(image)
+    s = cfg.vision.image_size
+    h, w = image.height, image.width
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(s * long / short)
+    new_h, new_w = (new_long, s) if w <= h else (s, new_long)
+    resized = _resize(image, new_h, new_w)
+    top, left = (new_h - s) // 2, (new_w - s) // 2
+    return np.ascontiguousarray(resized[top : top + s, left : left + s])[None]
+
+
 def pad_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Multi-image crop (docs/reference.md 4): pad to square with PAD_COLOR, then resize to S.
+    """Pad to square with `pad_color`, then resize to S (docs/reference.md 4; the original
+    LLaVA-1.5 `expand2square` + CLIP processor, docs/reference_family.md A.5.2, where the
+    shortest-edge resize of a square is this resize and the center crop a no-op).
 
     The image is centred at floor((L - short) / 2). Returns uint8[1, S, S, 3].
     """
@@ -95,7 +159,7 @@ def pad_crop(image: Image.Image | np.ndarray, cfg: ModelConfig) -> np.ndarray:
     if h != w:
         side = max(h, w)
         square = np.empty((side, side, 3), np.uint8)
-        square[:] = PAD_COLOR
+        square[:] = pad_color(cfg.vision)
         top, left = (side - h) // 2, (side - w) // 2
         square[top : top + h, left : left + w] = np.asarray(image)
         image = Image.fromarray(square)
@@ -113,27 +177,50 @@ def video_frames(frames: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return np.stack([_resize(to_rgb(f), s, s) for f in frames])
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8[..., 3] -> float32[..., 3] = (x/255 - mean)/std, channels-last."""
+def normalize(pixels: np.ndarray, vision: VisionConfig | None = None) -> np.ndarray:
+    """uint8[..., 3] -> float32[..., 3] = (x/255 - mean)/std, channels-last.
+
+    mean / std are `vision`'s (None: the default SigLIP tower's 0.5 / 0.5)."""
+    vision = VisionConfig() if vision is None else vision
     x = np.asarray(pixels, np.float64) / 255.0
-    mean, std = np.asarray(IMAGE_MEAN), np.asarray(IMAGE_STD)
+    mean, std = np.asarray(vision.image_mean), np.asarray(vision.image_std)
     return ((x - mean) / std).astype(np.float32)
+
+
+def image_kind(cfg: ModelConfig, num_images: int, *, plain: bool = False) -> str:
+    """The item kind of each image of a prompt / record with `num_images` images.
+
+    llava            cfg.vision_aspect_ratio ("center_crop" = llava-hf, "pad" = original)
+    llava_next       "anyres" for every image (HF LlavaNextProcessor); a `plain`
+                     (stage-1) sample takes "center_crop", the original's CLIP processor
+    llava_onevision  "square" when `plain`, "anyres" for a lone image, else "pad"
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images {num_images} < 0")
+    if cfg.architecture == "llava":
+        return cfg.vision_aspect_ratio
+    if cfg.architecture == "llava_next":
+        return "center_crop" if plain else "anyres"
+    if plain:
+        return "square"
+    return "anyres" if num_images == 1 else "pad"
+
+
+_IMAGE_CROPS = {"square": square_crop, "pad": pad_crop, "center_crop": center_crop}
 
 
 def preprocess(kind: str, image: Any, cfg: ModelConfig) -> tuple[np.ndarray, VisualItem]:
     """Dispatch on the item kind. Returns (crops uint8[n, S, S, 3], VisualItem).
 
-    kind: "anyres" | "square" | "pad" take one image (PIL or uint8[H, W, C]);
-    "video" takes frames uint8[F, H, W, 3] or a sequence of PIL images.
+    kind: "anyres" | "square" | "pad" | "center_crop" take one image (PIL or
+    uint8[H, W, C]); "video" takes frames uint8[F, H, W, 3] or a sequence of PIL images.
     """
     if kind == "anyres":
         crops, size_hw = anyres_crops(image, cfg)
         return crops, VisualItem("anyres", image_size=size_hw)
-    if kind == "square":
-        return square_crop(image, cfg), VisualItem("square")
-    if kind == "pad":
-        return pad_crop(image, cfg), VisualItem("pad")
+    if kind in _IMAGE_CROPS:
+        return _IMAGE_CROPS[kind](image, cfg), VisualItem(kind)
     if kind == "video":
         frames = video_frames(image, cfg)
         return frames, VisualItem("video", num_frames=len(frames))
-    raise ValueError(f"unknown visual item kind {kind!r}")
+    raise ValueError(f"unknown visual item kind {kind!r}; choose from {KINDS}")

@@ -67,15 +67,17 @@ def media_name(ref: Any) -> str:
 
 
 def load_image(ref: Any, record_id: str = "") -> Image.Image:
-    """Decode one image reference to an RGB PIL image (fully loaded)."""
-    if isinstance(ref, Image.Image):
-        return to_rgb(ref)
-    if isinstance(ref, np.ndarray):
-        if ref.dtype != np.uint8 or ref.ndim not in (2, 3):
-            raise BadSample(
-                "malformed_record", f"image array {ref.dtype}{list(ref.shape)}{_where(record_id)}"
-            )
-        return to_rgb(ref)
+    """Decode one image reference to an RGB PIL image (fully loaded).
+
+    An image that decodes but cannot become RGB as HF does (zero size, 16-bit or float
+    samples, an array that is not uint8[H, W(, 1|3|4)]) is `corrupt_image` /
+    `malformed_record` with the reason `image_processing.to_rgb` gives."""
+    if isinstance(ref, (Image.Image, np.ndarray)):
+        reason = "corrupt_image" if isinstance(ref, Image.Image) else "malformed_record"
+        try:
+            return to_rgb(ref)
+        except ValueError as err:
+            raise BadSample(reason, f"{media_name(ref)}{_where(record_id)}: {err}") from err
     name = media_name(ref)
     if isinstance(ref, dict):
         if ref.get("bytes") is not None:

@@ -16,8 +16,11 @@ The text is rendered by the checkpoint's own jinja chat template (exactly as HF'
 `apply_chat_template`), or by a LLaVA-NeXT conversation template named with
 `conv_template` (data_pipelines/chat_template.py). The i-th image placeholder of the
 rendered ids takes the i-th image, the j-th video placeholder the j-th video (HF's
-processor consumes them the same way). As in HF, a prompt with exactly one image runs it
-through anyres_max_9; several images get one padded crop each (docs: docs/reference.md 4.2).
+processor consumes them the same way). Each image's item kind is the architecture's, as
+HF's processor chooses it (`image_processing.image_kind`): OneVision runs a lone image
+through anyres_max_9 and gives several images one padded crop each (docs/reference.md 4.2);
+LLaVA-NeXT runs every image through anyres; LLaVA-1.5 gives each image one crop, center
+cropped (llava-hf) or padded to square (the original), per `cfg.vision_aspect_ratio`.
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ def encode_ids(
             f"placeholder ids but the request gives {len(images)} image(s) and "
             f"{len(videos)} video(s)"
         )
-    kind = "anyres" if len(images) == 1 else "pad"
+    kind = image_processing.image_kind(cfg, len(images))  # the architecture's choice
     pending_images, pending_videos = iter(images), iter(videos)
     crops, items = [], []
     for t in order:

@@ -64,8 +64,8 @@ def write_eval_tasks(data: Path, out: Path) -> list[Path]:
             rows.append(row)
         (out / f"{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
         spec = {"task": f"shapes_{task}", "data": f"{task}.jsonl", "metric": "exact_match",
-                "media_root": str(data), "post_prompt": "", "num_frames": 4,
-                "max_new_tokens": 4}  # fmt: skip
+                "ignore_case": True, "media_root": str(data), "post_prompt": "",
+                "num_frames": 4, "max_new_tokens": 4}  # fmt: skip
         path = out / f"{task}.yaml"
         path.write_text(json.dumps(spec))  # JSON is valid YAML
         paths.append(path)

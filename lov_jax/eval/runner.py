@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,15 +95,15 @@ def _error_row(spec: TaskSpec, bad: BadRecord) -> dict:
     return {
         "id": bad.id, "index": bad.index, "task": spec.name, "prompt": bad.prompt,
         "prediction": None, "parsed": None, "target": bad.target, "score": 0.0,
-        "metric": spec.metric, "error": {"reason": bad.reason, "message": bad.message},
+        "metric": bad.metric or spec.metric, "meta": bad.meta,
+        "error": {"reason": bad.reason, "message": bad.message},
     }  # fmt: skip
 
 
 def _scored_row(spec: TaskSpec, req: Request, prediction: str) -> dict:
     try:
-        value, parsed = metrics.score(
-            req.metric, prediction, req.answers, req.options, parser=req.parser, seed=req.id
-        )
+        sample = metrics.Sample(req.id, prediction, req.answers, req.options, req.meta)
+        value, parsed = metrics.score(req.metric, sample, **spec.metric_args())
         error = None
     except ValueError as err:
         value, parsed, error = 0.0, None, {"reason": Reason.SCORING_FAILED, "message": str(err)}
@@ -113,7 +112,7 @@ def _scored_row(spec: TaskSpec, req: Request, prediction: str) -> dict:
         "id": req.id, "index": req.index, "task": spec.name, "prompt": req.question,
         "images": req.images, "videos": req.videos, "prediction": prediction,
         "parsed": parsed, "target": target, "score": value, "metric": req.metric,
-        "error": error,
+        "meta": req.meta, "error": error,
     }  # fmt: skip
 
 
@@ -163,7 +162,7 @@ def evaluate_shard(
                 encoded = predictor.encode(rec)
             except Exception as err:  # noqa: BLE001 - any decode failure is a counted bad record
                 bad = BadRecord(rec.id, rec.index, Reason.BAD_MEDIA, f"{type(err).__name__}: {err}",
-                                rec.question, rec.answers)  # fmt: skip
+                                rec.question, rec.answers, rec.metric, rec.meta)  # fmt: skip
                 log(f"[{spec.name}] bad record {rec.id}: {bad.reason}: {bad.message}")
                 write([_error_row(spec, bad)])
                 continue
@@ -178,24 +177,17 @@ def evaluate_shard(
 
 
 def aggregate_task(spec: TaskSpec, rows: dict[str, dict], limit: int | None = None) -> dict:
-    """Per-metric mean/stderr over ALL records of the task (bad records score 0)."""
+    """Each metric's values over ALL records of the task (bad records score 0)."""
     records = read_records(spec)[:limit]
     ordered, missing = [], []
     for rec in records:
         row = rows.get(rec.id)
         (ordered.append(row) if row is not None else missing.append(rec.id))
-    by_metric: dict[str, list[float]] = {}
-    for row in ordered:
-        by_metric.setdefault(row["metric"], []).append(float(row["score"]))
     bad = [r for r in ordered if r["error"] is not None]
     reasons: dict[str, int] = {}
     for r in bad:
         reasons[r["error"]["reason"]] = reasons.get(r["error"]["reason"], 0) + 1
-    values = {}
-    for metric, scores in sorted(by_metric.items()):
-        n = len(scores)
-        stderr = statistics.stdev(scores) / math.sqrt(n) if n > 1 else float("nan")
-        values[metric] = {"value": statistics.fmean(scores), "stderr": stderr, "n": n}
+    values = metrics.aggregate(ordered)  # each metric's lmms-eval aggregation
     return {
         "rows": ordered,
         "values": values,

@@ -5,27 +5,33 @@ Record (one json object per line):
     question  str
     images    [path, ...] (or `image`: path); `video`: path (or `videos`: [path])
     options   [str, ...]  multiple choice; the prompt lists them as "A. ..."
-    answer    str, or `answers`: [str, ...] (VQAv2: the 10 annotator answers)
-    metric    one of metrics.METRICS (else the task's default)
-    parser    option-letter extraction for mc_accuracy (metrics.MC_PARSERS)
+    answer    str, or `answers`: [str, ...] (VQAv2 / TextVQA: the 10 annotator answers);
+              with options: the letter, '(B)', the option's index or its text
+    metric    one of metrics.METRICS (else the task's); it names the parser, the score
+              and the aggregation (mmbench, mmmu, mme, pope, textvqa_accuracy, ...)
+    <field>   the record fields the metric groups by, named as the dataset's columns
+              (metrics.Metric.fields): mme `category`, `question_id` (the image of a
+              pair); mmbench `index` (circular copies: index % 1e6); mmstar `category`,
+              `l2_category`; seedbench `data_type`; chartqa `type`; ocrbench `dataset`;
+              mlvu `task_type`
 
-yaml spec: {task, data (jsonl path, relative to the yaml), metric, parser, media_root,
-pre_prompt, post_prompt, num_frames, max_new_tokens, ignore_case, ignore_punctuation}.
-Paths in records are relative to `media_root` (default: the jsonl's folder).
+yaml spec: {task, data (jsonl path, relative to the yaml), metric, media_root,
+pre_prompt, post_prompt, num_frames, max_new_tokens, ignore_case, ignore_punctuation,
+regexes_to_ignore}. The last three are lmms-eval's exact_match options (its defaults:
+off). post_prompt defaults to the metric's lmms-eval default. Paths in records are
+relative to `media_root` (default: the jsonl's folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from data_pipelines.sample import Reason
 from lov_jax.eval import metrics
-
-MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-OPEN_POST_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +39,44 @@ class TaskSpec:
     name: str
     data: Path
     metric: str = "exact_match"
-    parser: str = "mmbench"
     media_root: Path | None = None
     pre_prompt: str = ""
-    post_prompt: str | None = None  # None: by metric (MC vs open-ended, as lmms-eval)
+    post_prompt: str | None = None  # None: the metric's (as lmms-eval's task yaml)
     num_frames: int = 8
     max_new_tokens: int = 32
+    ignore_case: bool = False
+    ignore_punctuation: bool = False
+    regexes_to_ignore: tuple[str, ...] = ()
     source: Path | None = None  # the file the user named
+
+    def __post_init__(self):
+        metrics.get(self.metric)  # unknown names list the known ones
+        for name in ("ignore_case", "ignore_punctuation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"task {self.name}: `{name}` must be true or false")
+        regexes = self.regexes_to_ignore
+        if isinstance(regexes, str) or not all(isinstance(r, str) for r in regexes):
+            raise ValueError(f"task {self.name}: `regexes_to_ignore` must be a list of strings")
+        for r in regexes:
+            try:
+                re.compile(r)
+            except re.error as err:
+                raise ValueError(
+                    f"task {self.name}: bad regex {r!r} in regexes_to_ignore: {err}"
+                ) from None
+        object.__setattr__(self, "regexes_to_ignore", tuple(regexes))
+
+    def metric_args(self) -> dict[str, Any]:
+        """The exact_match options (metrics.score passes each metric only its own)."""
+        return {"ignore_case": self.ignore_case, "ignore_punctuation": self.ignore_punctuation,
+                "regexes_to_ignore": self.regexes_to_ignore}  # fmt: skip
 
     def config(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
+        return {
+            k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in fields.items()
+        }
 
 
 @dataclasses.dataclass
@@ -55,11 +88,11 @@ class Request:
     question: str  # the full user text (question, options, post prompt)
     images: list[str]
     videos: list[str]
-    answers: list[str]
+    answers: list[str]  # with options: the gold letter (an MC metric's target)
     options: list[str] | None
     metric: str
-    parser: str
     num_frames: int
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # metric's record fields
 
 
 @dataclasses.dataclass
@@ -70,6 +103,8 @@ class BadRecord:
     message: str
     prompt: str = ""
     target: Any = None
+    metric: str | None = None  # the record's, when it could be read (else the task's)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_task(path: str | Path) -> TaskSpec:
@@ -89,7 +124,10 @@ def load_task(path: str | Path) -> TaskSpec:
         data = path.parent / raw.pop("data")
         root = raw.pop("media_root", None)
         root = None if root is None else path.parent / root
-        return TaskSpec(name=name, data=data, media_root=root, source=path, **raw)
+        try:
+            return TaskSpec(name=name, data=data, media_root=root, source=path, **raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
     return TaskSpec(name=path.stem, data=path, source=path)
 
 
@@ -111,10 +149,11 @@ def read_records(spec: TaskSpec) -> list[Request | BadRecord]:
                 raise ValueError(f"duplicate id {rid!r}")
             seen.add(rid)
             out.append(_request(rec, rid, index, spec, root))
+        except MissingMedia as err:
+            out.append(BadRecord(rid, index, Reason.MISSING_MEDIA, str(err), err.prompt,
+                                 err.answers, err.metric, err.meta))  # fmt: skip
         except (ValueError, TypeError, KeyError) as err:
             out.append(BadRecord(rid, index, Reason.MALFORMED_RECORD, str(err)))
-        except FileNotFoundError as err:
-            out.append(BadRecord(rid, index, Reason.MISSING_MEDIA, str(err)))
     return out
 
 
@@ -124,42 +163,47 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+class MissingMedia(FileNotFoundError):
+    """A readable record whose media file is absent (keeps what the scorer needs)."""
+
+    def __init__(self, message: str, prompt: str, answers, metric: str, meta: dict):
+        super().__init__(message)
+        self.prompt, self.answers, self.metric, self.meta = prompt, answers, metric, meta
+
+
 def _request(rec: dict, rid: str, index: int, spec: TaskSpec, root: Path) -> Request:
     question = rec.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("missing or empty `question`")
+    if "parser" in rec:
+        raise ValueError("`parser` is gone: the metric names its parser (mmbench, mmmu, ...)")
     answers = _as_list(rec.get("answers", rec.get("answer")))
     if not answers or not all(isinstance(a, (str, int, float)) for a in answers):
         raise ValueError("missing `answer`/`answers` (strings)")
     answers = [str(a) for a in answers]
-    metric = rec.get("metric", spec.metric)
-    if metric not in metrics.METRICS:
-        raise ValueError(f"unknown metric {metric!r}")
-    parser = rec.get("parser", spec.parser)
+    name = rec.get("metric", spec.metric)
+    metric = metrics.get(name)
     options = rec.get("options")
     if options is not None:
         if not isinstance(options, list) or not options or len(options) > len(metrics.LETTERS):
             raise ValueError("`options` must be a non-empty list")
         options = [str(o) for o in options]
-    if metric == "mc_accuracy":
-        if options is None:
-            raise ValueError("mc_accuracy needs `options`")
-        if parser not in metrics.MC_PARSERS:
-            raise ValueError(f"unknown parser {parser!r}")
-        metrics.answer_letter(answers[0], options)  # raises when the gold is not an option
-    images = [str(root / p) for p in _as_list(rec.get("images", rec.get("image")))]
-    videos = [str(root / p) for p in _as_list(rec.get("videos", rec.get("video")))]
-    for p in images + videos:
-        if not Path(p).exists():
-            raise FileNotFoundError(f"media file not found: {p}")
+    meta = {f: rec[f] for f in metric.fields + metric.optional_fields if f in rec}
+    metrics.check_record(name, answers, options, meta)
+    if options and name != "exact_match":
+        answers = [metrics.answer_letter(answers[0], options)]
     text = spec.pre_prompt + question
     if options is not None:
         text += "\n" + metrics.format_options(options)
     post = spec.post_prompt
-    if post is None:
-        post = MC_POST_PROMPT if metric == "mc_accuracy" else OPEN_POST_PROMPT
+    text += metric.default_post_prompt(bool(options)) if post is None else post
+    images = [str(root / p) for p in _as_list(rec.get("images", rec.get("image")))]
+    videos = [str(root / p) for p in _as_list(rec.get("videos", rec.get("video")))]
+    for p in images + videos:
+        if not Path(p).exists():
+            raise MissingMedia(f"media file not found: {p}", text, answers, name, meta)
     return Request(
-        id=rid, index=index, question=text + post, images=images, videos=videos,
-        answers=answers, options=options, metric=metric, parser=parser,
+        id=rid, index=index, question=text, images=images, videos=videos,
+        answers=answers, options=options, metric=name, meta=meta,
         num_frames=int(rec.get("num_frames", spec.num_frames)),
     )  # fmt: skip

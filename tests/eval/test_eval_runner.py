@@ -20,13 +20,13 @@ def _records(media: Path):
     (media / "corrupt.png").write_bytes(b"not a png")
     recs = [
         {"id": "mc1", "question": "Which animal?", "image": "ok.png", "options": OPTS,
-         "answer": "B", "metric": "mc_accuracy"},
+         "answer": "B", "metric": "mmbench"},
         {"id": "mc2", "question": "Which animal? 2", "images": ["ok.png", "ok.png"],
-         "options": OPTS, "answer": "fish", "metric": "mc_accuracy", "parser": "mmmu"},
+         "options": OPTS, "answer": "fish", "metric": "mmmu"},
         {"id": "vqa1", "question": "How many?", "image": "ok.png",
-         "answers": ["2"] * 2 + ["3"] * 8, "metric": "vqa_accuracy"},
+         "answers": ["2"] * 2 + ["3"] * 8, "metric": "vqav2_accuracy"},
         {"id": "doc1", "question": "Title?", "answer": "hello", "metric": "anls"},
-        {"id": "chart1", "question": "Value?", "answer": "10", "metric": "relaxed_accuracy"},
+        {"id": "chart1", "question": "Value?", "answer": "10", "metric": "chartqa"},
         {"id": "em1", "question": "Capital?", "answer": "Paris"},
         {"id": "missing1", "question": "Where?", "image": "nope.png", "answer": "x"},
         {"id": "noanswer", "question": "Where?"},
@@ -72,7 +72,8 @@ def task(tmp_path):
     data = tmp_path / "mix.jsonl"
     data.write_text("\n".join(_records(media)) + "\n")
     spec = tmp_path / "mix.yaml"
-    spec.write_text(f"task: mix\ndata: {data.name}\nmedia_root: media\nmax_new_tokens: 8\n")
+    spec.write_text(f"task: mix\ndata: {data.name}\nmedia_root: media\nmax_new_tokens: 8\n"
+                    "ignore_case: true\n")  # fmt: skip
     return spec
 
 
@@ -96,12 +97,14 @@ def test_run_eval_scores_and_reports(task, tmp_path):
     logs = []
     results = runner.run_eval([task], out, FakePredictor(), batch_size=2, log=logs.append)
     res = results["results"]["mix"]
-    # bad records score 0 under their record's metric (default exact_match)
-    assert res["mc_accuracy,none"] == pytest.approx(0.5)
-    assert res["vqa_accuracy,none"] == pytest.approx(0.6)
+    # bad records score 0 under their record's metric (default exact_match); values are
+    # named as lmms-eval names them, prefixed by the metric where two metrics share one
+    assert res["gpt_eval_score,none"] == 0.0  # MMBench, percent
+    assert res["mmmu_acc,none"] == 1.0
+    assert res["vqav2_accuracy:exact_match,none"] == pytest.approx(0.6)
     assert res["anls,none"] == pytest.approx(0.8)
-    assert res["relaxed_accuracy,none"] == 1.0
-    assert res["exact_match,none"] == pytest.approx(1 / 5)  # em1 + 4 bad records
+    assert res["relaxed_overall,none"] == 1.0
+    assert res["exact_match:exact_match,none"] == pytest.approx(1 / 5)  # em1 + 4 bad records
     assert results["n-samples"]["mix"] == {"original": 10, "effective": 10}
     bad = results["bad_records"]["mix"]
     assert bad["count"] == 4 and set(bad["ids"]) == {"missing1", "noanswer", "mix:5", "corrupt1"}
@@ -165,7 +168,7 @@ def test_eval_cli_with_tiny_model(tmp_path):
     Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(media / "a.png")
     recs = [
         {"id": "a", "question": "Color?", "image": "m/a.png", "answer": "gray"},
-        {"id": "b", "question": "Pick", "options": OPTS, "answer": "A", "metric": "mc_accuracy"},
+        {"id": "b", "question": "Pick", "options": OPTS, "answer": "A", "metric": "mmbench"},
         {"id": "c", "question": "Gone", "image": "m/zzz.png", "answer": "x"},
     ]
     data = tmp_path / "t.jsonl"

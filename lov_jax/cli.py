@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lov_jax.eval.commands",
     "data_pipelines.commands",
     "lov_jax.plan.commands",
+    "lov_jax.serve.commands",
 )
 
 

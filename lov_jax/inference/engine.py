@@ -302,19 +302,15 @@ class Generator:
             raise ValueError("max_new_tokens must be >= 1")
         b, p, n, m = self.shapes_for(prompts, gen.max_new_tokens)
         self.compiled_shapes.add((b, p, n, m))
-        host = build_batch(
-            prompts, self.cfg, length=p, num_crops=n, batch_size=b, pad_id=self.pad_id
-        )
-        kv_seg = np.concatenate([host["mask"], np.ones((b, m), np.int32)], axis=1)
-        next_pos = host["mask"].sum(axis=1).astype(np.int32)
         stop = np.full((MAX_STOP_IDS,), -1, np.int32)
         stop[: len(stop_ids)] = stop_ids
         with self._context():
-            batch = self._put(host)
             t0 = time.perf_counter()
-            logits0, cache = self._prefill(self.params, batch, cache_len=p + m)
+            logits0, cache, host = self.prefill(prompts, shapes=(b, p, n), cache_len=p + m)
             logits0.block_until_ready()
             t1 = time.perf_counter()
+            kv_seg = np.concatenate([host["mask"], np.ones((b, m), np.int32)], axis=1)
+            next_pos = host["mask"].sum(axis=1).astype(np.int32)
             out, steps, _ = self._decode(
                 self.params, logits0, cache, self._put(kv_seg), self._put(next_pos),
                 jax.random.key(gen.seed), jnp.float32(gen.temperature), jnp.int32(gen.top_k),
@@ -339,6 +335,28 @@ class Generator:
             decode_steps=int(steps),
             shapes=(b, p, n, m),
         )
+
+    def prefill(
+        self,
+        prompts: Sequence[PromptInputs],
+        *,
+        shapes: tuple[int, int, int] | None = None,
+        cache_len: int | None = None,
+    ):
+        """The prompts' prefill alone: (first-step logits float32[B, V], cache (k, v)
+        dtype[L, B, cache_len, K, Dh] with the prompts at slots 0..P-1, the host batch of
+        `build_batch`). shapes: (B, P, N) (default: this generator's buckets); cache_len
+        default P. The continuous batcher (lov_jax/inference/slots.py) copies the cache
+        into a running one."""
+        if shapes is None:
+            shapes = self.shapes_for(prompts, 1)[:3]
+        b, p, n = shapes
+        host = build_batch(
+            prompts, self.cfg, length=p, num_crops=n, batch_size=b, pad_id=self.pad_id
+        )
+        with self._context():
+            logits0, cache = self._prefill(self.params, self._put(host), cache_len=cache_len or p)
+        return logits0, cache, host
 
     def _put(self, tree):
         if self._data_sharding is None:

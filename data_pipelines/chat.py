@@ -9,18 +9,20 @@ checkpoint's own jinja when it has one (data_pipelines/chat_template.py).
                                       [{a}<|im_end|>]\\n
   chatml_direct     preprocess_mpt    <|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n
                                       [{a}<|im_end|>]            (no "\\n" between turns)
-  vicuna_v1         preprocess_v1     <s>{system} USER: {q} ASSISTANT: [{a}</s>]
+  vicuna_v1         preprocess_v1     <s>{system} USER: {q} ASSISTANT:[ {a}</s>]
                                       (the system prompt before the first round only)
   llava_llama_3     preprocess_llama3 <|begin_of_text|><|start_header_id|>user<|end_header_id|>
                                       \\n\\n{q}<|eot_id|><|start_header_id|>assistant
                                       <|end_header_id|>\\n\\n[{a}<|eot_id|>]   (q, a stripped)
-  mistral_instruct  preprocess_llama_2 <s>[INST] {q} [/INST] [{a} </s>]
-  plain             preprocess_plain  <image>[{caption}\\n]   (the user turn is dropped)
+  mistral_instruct  preprocess_llama_2 <s>[INST] {q} [/INST][ {a} </s>]
+  plain             preprocess_plain  <image>[{caption}\\n]   (the user turn is dropped; <s>
+                                      first when the tokenizer adds one)
 
 Two steps, kept apart so that placeholder expansion can sit between them:
 
 1. `tokenize_conversation(turns, tokenizer, options)` -> (ids int32[T], trained bool[T]).
-   The rendered text is tokenised once; a token is a label when its characters overlap a
+   The rendered text is tokenised once (per placeholder-free chunk for CHUNKED_STYLES,
+   as orig); a token is a label when its characters overlap a
    trained piece (so a content starting with "\\n" that merges with a header's "\\n" is
    trained). `trained` is *label aligned*, in the HF/orig sense: trained[j] says whether
    token j is a label (orig: labels[j] != -100), i.e. whether it is trained to be
@@ -41,11 +43,18 @@ Loss-mask modes:
 Every id comes from the tokenizer: the template's special texts (`<|im_start|>`, `</s>`,
 ...) must each be one token of it, or the template does not fit the tokenizer (ValueError).
 
-Deviations from orig: `<image>` is a token of the tokenizer, so the text is tokenised in
-one piece (orig `tokenizer_image_token` splits it at `<image>` and tokenises each chunk,
-which differs only for tokenizers that add a prefix space per call); orig's per-round
-length bookkeeping, which masks a whole conversation on a mismatch (it does with a
-tokenizer without bos under chatml_direct), is replaced by the character overlap above.
+Equal to orig, ids and labels (tests/data/test_llava_masks.py runs a line-by-line port of
+preprocess_v1 / _llama_2 / _plain / _llama3 on multi-round conversations): the templates
+orig tokenises with `tokenizer_image_token` (CHUNKED_STYLES) are tokenised chunk by chunk
+between placeholders as it does (the same ids as one call, except for SentencePiece
+vocabularies with a non-legacy prefix scheme, where every chunk starts a fresh "▁"); a
+leading bos is the id the tokenizer's post-processor adds (plain: only if it adds one),
+never the text "<s>"; the space after "ASSISTANT:" / "[/INST]" belongs to the answer
+(orig's `instruction_len - 2` trains the token holding it, even a lone "▁").
+One deliberate deviation: orig's per-round length bookkeeping masks the whole
+conversation when its guess fails ("tokenization mismatch": e.g. the `not
+tokenizer.legacy` -1 on a vocabulary it does not fit, or chatml_direct with a tokenizer
+without bos); the character overlap above keeps the intended mask instead.
 
 Visual tokens are never labels (orig: the spliced feature block gets -100). After the
 shift that means: no target is a visual token, and a visual position is trained only
@@ -57,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,8 +87,12 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
-# Piece kinds of a rendered conversation: which characters become labels.
-PROMPT, HEADER, ANSWER, TAIL = "prompt", "header", "answer", "tail"
+# Piece kinds of a rendered conversation: which characters become labels. BOS: the
+# leading begin-of-sequence that orig's `tokenizer(prompt)` adds (tokenize_conversation).
+PROMPT, HEADER, ANSWER, TAIL, BOS = "prompt", "header", "answer", "tail", "bos"
+# Styles whose orig preprocess tokenises with `tokenizer_image_token`: chunk by chunk
+# between placeholders (llava/mm_utils.py), each chunk a fresh `tokenizer(chunk)` call.
+CHUNKED_STYLES = ("two", "llama_2", "plain", "mpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,14 +157,17 @@ class _Default(enum.Enum):
 
 
 TEMPLATE_SYSTEM = _Default.SYSTEM
+# The same choice spelled as a config string (`data.system_prompt`, configs/common.py).
+TEMPLATE_DEFAULT = "template_default"
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatOptions:
     """template: a `TEMPLATES` name (or alias; stored as the canonical name);
     loss_mask: "assistant" | "llava_next"; system_prompt: the system turn, by default the
-    template's own (None or "": no system turn); move_image_to_front: orig
-    `preprocess_multimodal` quirk (media records only)."""
+    template's own (`TEMPLATE_SYSTEM`, or the string `TEMPLATE_DEFAULT`; None or "": no
+    system turn); move_image_to_front: orig `preprocess_multimodal` quirk (media records
+    only)."""
 
     template: str = "qwen_1_5"
     loss_mask: str = "assistant"
@@ -162,7 +179,8 @@ class ChatOptions:
         object.__setattr__(self, "template", t.name)
         if self.loss_mask not in MASK_MODES:
             raise ValueError(f"loss_mask {self.loss_mask!r} not in {MASK_MODES}")
-        system = t.system if self.system_prompt is TEMPLATE_SYSTEM else self.system_prompt
+        default = self.system_prompt is TEMPLATE_SYSTEM or self.system_prompt == TEMPLATE_DEFAULT
+        system = t.system if default else self.system_prompt
         object.__setattr__(self, "system_prompt", system or None)
 
 
@@ -295,12 +313,12 @@ def _render_llama_3(turns, t: ConvTemplate, system: str | None, generation: bool
 def _render_two(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
     # conversation.py SeparatorStyle.TWO, sep " ", sep2 "</s>"; <s> is the tokenizer's bos.
     _alternating(turns, t)
-    out = [("<s>" + (f"{system} " if system else ""), PROMPT)]
+    out = [("<s>", BOS)] + ([(f"{system} ", PROMPT)] if system else [])
     for role, text in turns:
         if role == "user":
             out.append((f"USER: {text} ", PROMPT))
-        else:
-            out += [("ASSISTANT: ", HEADER), (f"{text}</s>", ANSWER)]
+        else:  # the space after the cue is the answer's (orig's `instruction_len - 2`)
+            out += [("ASSISTANT:", HEADER), (f" {text}</s>", ANSWER)]
     if generation:
         out.append(("ASSISTANT:", PROMPT))
     return out
@@ -309,14 +327,14 @@ def _render_two(turns, t: ConvTemplate, system: str | None, generation: bool) ->
 def _render_llama_2(turns, t: ConvTemplate, system: str | None, generation: bool) -> Pieces:
     # conversation.py SeparatorStyle.LLAMA_2 with sep "" (mistral_instruct), sep2 "</s>".
     _alternating(turns, t)
-    out = [("<s>", PROMPT)]
+    out = [("<s>", BOS)]
     for k, (role, text) in enumerate(turns):
         if role == "user":
             if k == 0 and system:
                 text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
             out.append((f"[INST] {text} [/INST]", PROMPT))
-        else:
-            out += [(" ", HEADER), (f"{text} </s>", ANSWER)]
+        else:  # as _render_two: the space after "[/INST]" is the answer's
+            out.append((f" {text} </s>", ANSWER))
     return out  # the generation prompt ends with "[/INST]"
 
 
@@ -325,7 +343,7 @@ def _render_plain(turns, t: ConvTemplate, system: str | None, generation: bool) 
     if generation:
         if len(turns) != 1 or turns[0][0] != "user":
             raise ValueError("plain template: a generation prompt is one user turn")
-        return [(turns[0][1] + "\n", PROMPT)]  # conversation.py get_prompt
+        return [("", BOS), (turns[0][1] + "\n", PROMPT)]  # conversation.py get_prompt
     if len(turns) != 2 or turns[0][0] != "user" or turns[1][0] != "assistant":
         raise BadSample(Reason.MALFORMED_RECORD,
                         "plain template needs one user + one assistant turn")  # fmt: skip
@@ -333,7 +351,7 @@ def _render_plain(turns, t: ConvTemplate, system: str | None, generation: bool) 
     if IMAGE_PLACEHOLDER not in first and VIDEO_PLACEHOLDER not in first:
         raise BadSample(Reason.PLACEHOLDER_MISMATCH, "plain template: user turn has no <image>")
     placeholder = VIDEO_PLACEHOLDER if VIDEO_PLACEHOLDER in first else IMAGE_PLACEHOLDER
-    return [(placeholder, PROMPT), (turns[1][1] + "\n", ANSWER)]
+    return [("", BOS), (placeholder, PROMPT), (turns[1][1] + "\n", ANSWER)]
 
 
 _RENDER = {"chatml": _render_chatml, "mpt": _render_chatml, "two": _render_two,
@@ -373,6 +391,15 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
+def added_prefix(tokenizer) -> list[int]:
+    """The ids `tokenizer(text)` puts before the text (its post-processor's, e.g. a
+    Llama-style `<s>`; none for Qwen-2): what orig's `tokenizer_image_token` keeps."""
+    ids = encode(tokenizer, "a")
+    full = list(tokenizer.encode("a", add_special_tokens=True).ids)
+    k = next((k for k in range(len(full) - len(ids) + 1) if full[k : k + len(ids)] == ids), 0)
+    return full[:k]
+
+
 def single_token_id(tokenizer, text: str, template: str = "") -> int:
     """The id `text` encodes to; ValueError unless it is exactly one token."""
     ids = encode(tokenizer, text)
@@ -390,21 +417,53 @@ def tokenize_conversation(
     for text in t.specials:
         single_token_id(tokenizer, text, t.name)
     pieces = render_pieces(turns, t.name, options.system_prompt, generation=False)
+    # A leading BOS piece is ids, never text (a Llama-style tokenizer with a "first"
+    # prefix scheme tokenises the text after a literal "<s>" differently): the ones the
+    # tokenizer's post-processor adds, as orig; else the piece's own token ("" = none).
+    prefix = []
+    if pieces and pieces[0][1] == BOS:
+        bos = pieces.pop(0)[0]
+        prefix = added_prefix(tokenizer)
+        if not prefix and bos:
+            prefix = [single_token_id(tokenizer, bos, t.name)]
     whole = options.loss_mask == "llava_next" and t.whole_turn
     labelled = (ANSWER, HEADER, TAIL) if whole else (ANSWER,)
     # chars[c] = 1 where character c belongs to a trained piece; a token is a label when
     # its characters overlap one (counted with a prefix sum over its offsets).
     chars = np.repeat([kind in labelled for _, kind in pieces], [len(x) for x, _ in pieces])
-    enc = tokenizer.encode("".join(text for text, _ in pieces), add_special_tokens=False)
-    ids = np.asarray(enc.ids, np.int32)
+    ids, offsets = _encode_with_offsets(
+        tokenizer, "".join(text for text, _ in pieces), t.style in CHUNKED_STYLES
+    )
     cum = np.concatenate([[0], np.cumsum(chars, dtype=np.int64)])
-    offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
     trained = cum[offsets[:, 1]] > cum[offsets[:, 0]]
     if options.loss_mask == "llava_next" and t.unmask:
         trained |= np.isin(ids, [single_token_id(tokenizer, u, t.name) for u in t.unmask])
-    if t.style == "plain":
-        trained[:1] = False  # orig: the placeholder is never a label
-    return ids, trained
+    ids = np.concatenate([np.asarray(prefix, np.int32), ids])
+    return ids, np.concatenate([np.zeros(len(prefix), bool), trained])
+
+
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def _encode_with_offsets(tokenizer, text: str, chunked: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32[T], character offsets int64[T, 2]) of `text`; `chunked`: one encode call
+    per stretch between placeholders, each placeholder its own id (orig
+    `tokenizer_image_token`; the same ids as one call unless the tokenizer prefixes a
+    space per call)."""
+    spans = [text]
+    if chunked:
+        spans = [x for x in _PLACEHOLDERS.split(text) if x]
+    ids, offsets, start = [], [], 0
+    for span in spans:
+        if chunked and _PLACEHOLDERS.fullmatch(span):
+            ids.append(single_token_id(tokenizer, span))
+            offsets.append((start, start + len(span)))
+        else:
+            enc = tokenizer.encode(span, add_special_tokens=False)
+            ids += enc.ids
+            offsets += [(start + a, start + b) for a, b in enc.offsets]
+        start += len(span)
+    return np.asarray(ids, np.int32), np.asarray(offsets, np.int64).reshape(-1, 2)
 
 
 # ---- expansion and targets -------------------------------------------------------------

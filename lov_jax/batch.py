@@ -13,12 +13,14 @@ Every training / eval batch is a dict of fixed-shape arrays, per row b of B:
 
 The train step sees the same arrays with a leading micro-batch axis A ([A, B, ...]).
 
-Feature bank of a row with N crop slots and P patches per crop (`models.llava_onevision`
-builds it, `visual_layout` indexes it):
+Feature bank of a row with N crop slots and F = `cfg.vision.num_features` visual tokens
+per crop (the tower's output after feature selection: 729 SigLIP, 576 CLIP "default", 577
+CLIP "full"; `models.llava_onevision` builds it, `visual_layout` indexes it):
 
-    rows [c*P, (c+1)*P)   projected patches of crop slot c
-    row  newline_row(N, P) = N*P       image_newline
-    row  zero_row(N, P)    = N*P + 1   zeros: what text and padding positions tap
+    rows [c*F, (c+1)*F)   projected features of crop slot c
+    row  newline_row(N, F) = N*F       image_newline (zeros for LLaVA-1.5, which has none
+                                       and never taps it: the same shapes for every family)
+    row  zero_row(N, F)    = N*F + 1   zeros: what text and padding positions tap
 """
 
 from __future__ import annotations
@@ -45,19 +47,19 @@ FIELDS: dict[str, tuple[type, tuple[str, ...]]] = {
 KEYS = tuple(FIELDS)
 
 
-def newline_row(num_crops: int, num_patches: int) -> int:
-    """Bank row of `image_newline` in a row of `num_crops` crop slots."""
-    return num_crops * num_patches
+def newline_row(num_crops: int, num_features: int) -> int:
+    """Bank row of `image_newline` in a row of `num_crops` crop slots of `num_features`."""
+    return num_crops * num_features
 
 
-def zero_row(num_crops: int, num_patches: int) -> int:
+def zero_row(num_crops: int, num_features: int) -> int:
     """Bank row of zeros: the tap of every text and padding position."""
-    return num_crops * num_patches + 1
+    return num_crops * num_features + 1
 
 
-def bank_rows(num_crops: int, num_patches: int) -> int:
-    """Rows of a row's feature bank: the crops' patches, the newline, the zero row."""
-    return num_crops * num_patches + 2
+def bank_rows(num_crops: int, num_features: int) -> int:
+    """Rows of a row's feature bank: the crops' features, the newline, the zero row."""
+    return num_crops * num_features + 2
 
 
 def shapes(
@@ -80,7 +82,7 @@ def empty_batch(
     keys: Sequence[str] = KEYS,
 ) -> dict[str, np.ndarray]:
     """All-padding numpy batch: `pad_id` tokens, zeros, taps on the zero row (weight 0)."""
-    fill = {"tokens": pad_id, "vis_idx": zero_row(crops, cfg.vision.num_patches)}
+    fill = {"tokens": pad_id, "vis_idx": zero_row(crops, cfg.vision.num_features)}
     return {
         k: np.full(shape, fill.get(k, 0), FIELDS[k][0])
         for k, shape in shapes(rows, length, crops, cfg, keys).items()
@@ -130,7 +132,7 @@ def check_batch(batch: dict, cfg: ModelConfig, *, micro_batched: bool = False) -
                 problems.append(f"{k}: dtype {got.dtype}, expected {np.dtype(FIELDS[k][0])}")
         if isinstance(batch.get("vis_idx"), np.ndarray):  # abstract batches have no values
             idx = batch["vis_idx"]
-            top = bank_rows(crops, cfg.vision.num_patches)
+            top = bank_rows(crops, cfg.vision.num_features)
             if idx.size and (idx.min() < 0 or idx.max() >= top):
                 problems.append(f"vis_idx: taps outside the bank rows [0, {top})")
     if problems:

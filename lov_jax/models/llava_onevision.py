@@ -1,18 +1,23 @@
-"""LLaVA-OneVision: SigLIP over every crop, projector per crop, 4-tap visual gather, Qwen-2.
+"""The one LLaVA model of every architecture (`ModelConfig.architecture`): LLaVA-1.5,
+LLaVA-NeXT and OneVision are a vision tower over every crop, a projector per crop, the
+4-tap visual gather and an LLM, the kinds the config names (models/families.py).
 
 Batch contract (docs/design.md 2), per row b of B:
     tokens       int32[B, L]     placeholders already expanded
     positions    int32[B, L]     RoPE positions (restart per packed segment)
     segment_ids  int32[B, L]     1..S per packed sample, 0 = padding
-    pixels       uint8|float[B, N, 384, 384, 3]   crops/frames, zero padded
+    pixels       uint8|float[B, N, S, S, 3]   crops/frames, zero padded
     vis_idx      int32[B, L, 4]  taps into the row's feature bank
     vis_w        float32[B, L, 4] tap weights (all 0 on text tokens)
 
-Feature bank of a row: float[N * 729 + 2, H] = projected patches of crop slot c
-at c*729 + (y*27 + x), then `image_newline` at N*729, then a zero row at N*729+1
-(what `lov_jax.visual_layout` indexes). Unpad, the anyres_max_9 bilinear
+Feature bank of a row (lov_jax/batch.py): float[N * F + 2, H] with F =
+`cfg.vision.num_features` (729 SigLIP, 576 CLIP after dropping CLS) = projected features
+of crop slot c at c*F + (y*side + x), then `image_newline` at N*F, then a zero row at
+N*F+1 (what `lov_jax.visual_layout` indexes). Unpad, the anyres_max_9 bilinear
 downsample, video 2x2 bilinear pooling and newline insertion all reduce to this
-single gather-and-weight, so shapes stay static under packing.
+single gather-and-weight, so shapes stay static under packing. LLaVA-1.5 has no
+`image_newline` param (`cfg.has_image_newline`): its newline row is zeros and never
+tapped, so every architecture has the same bank shape.
 """
 
 from __future__ import annotations
@@ -38,28 +43,31 @@ class LlavaOnevision(nn.Module):
         self.vision_tower = tower(cfg.vision, dtype, pdtype, cfg.remat_policy)
         proj = families.projector(cfg.projector).module
         self.multi_modal_projector = proj(cfg.text.hidden_size, dtype, pdtype)
-        self.image_newline = self.param(
-            "image_newline",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-            (cfg.text.hidden_size,),
-            pdtype,
-        )
+        if cfg.has_image_newline:
+            self.image_newline = self.param(
+                "image_newline",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                (cfg.text.hidden_size,),
+                pdtype,
+            )
         lm = families.llm(cfg.text.kind).module
         self.language_model = lm(cfg.text, dtype, pdtype, cfg.remat_policy, cfg.attention_impl)
 
     def encode_crops(self, pixels: jax.Array) -> jax.Array:
-        """pixels [B, N, 384, 384, 3] -> projected features float[B, N, 729, H]."""
+        """pixels [B, N, S, S, 3] -> projected features float[B, N, F, H]."""
         b, n = pixels.shape[:2]
         crops = pixels.reshape(b * n, *pixels.shape[2:])
         feats = self.multi_modal_projector(self.vision_tower(crops))
         return feats.reshape(b, n, *feats.shape[1:])
 
     def feature_bank(self, pixels: jax.Array) -> jax.Array:
-        """float[B, N*729 + 2, H]: crop patches, then image_newline, then a zero row."""
+        """float[B, N*F + 2, H]: crop features, then image_newline, then a zero row."""
         feats = self.encode_crops(pixels)
         b, n, p, h = feats.shape
-        newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (b, 1, h))
         zero = jnp.zeros((b, 1, h), feats.dtype)
+        newline = zero
+        if self.cfg.has_image_newline:
+            newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (b, 1, h))
         return jnp.concatenate([feats.reshape(b, n * p, h), newline, zero], axis=1)
 
     def embed_inputs(self, tokens, pixels=None, vis_idx=None, vis_w=None) -> jax.Array:

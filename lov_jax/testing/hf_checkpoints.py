@@ -1,10 +1,15 @@
-"""Tiny random HF LLaVA-OneVision checkpoints and the inputs to compare them on.
+"""Tiny random HF LLaVA checkpoints (OneVision, LLaVA-1.5, LLaVA-NeXT) and the inputs to
+compare them on.
 
 Built locally (no downloads); used by the parity tests, the benchmarks and the demo's
 checks. Needs torch + transformers (extra `hf`).
 
-`make_tiny_hf` saves a complete llava-hf checkpoint directory (weights, config.json,
-generation_config.json, tokenizer and processor files). Sizes, vocabulary, tying, GQA,
+`make_tiny_hf` saves a complete llava-hf OneVision checkpoint directory (weights,
+config.json, generation_config.json, tokenizer and processor files); `make_tiny_llava_hf`
+a LLaVA-1.5 (`LlavaForConditionalGeneration`) or LLaVA-NeXT
+(`LlavaNextForConditionalGeneration`) one: CLIP at the real 336/14 geometry with LLaVA's
+`vision_feature_layer=-2`, and a Vicuna-, Llama-3- or Mistral-style LLM on a small BPE
+with that family's specials and template (never the Qwen vocabulary). Sizes, vocabulary, tying, GQA,
 seed and the placeholder ids are keyword arguments; the special ids default to the
 tokenizer's (`lov_jax.testing.tokenizers.qwen2()`: llava-hf OneVision's), never to a
 literal here.
@@ -115,6 +120,126 @@ def make_tiny_hf(
     return out_dir
 
 
+# Tiny CLIP with the real CLIP-L/336 patch geometry (24x24 = 576 patches + CLS): 3 layers
+# in the file, of which LLaVA's vision_feature_layer -2 uses 2.
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 3, "num_heads": 4}
+# LLM flavours: (HF model_type, test tokenizer style, text_config keys). Vicuna: MHA,
+# rope 1e4; Llama-3: GQA 8/2, rope 5e5; Mistral: GQA 4/2, rope 1e6, a sliding window.
+TINY_LLMS: dict[str, tuple[str, str, dict]] = {
+    "vicuna": ("llama", "vicuna", {"num_attention_heads": 4, "num_key_value_heads": 4,
+                                   "rope_theta": 1e4}),
+    "llama3": ("llama", "llama3", {"num_attention_heads": 8, "num_key_value_heads": 2,
+                                   "rope_theta": 5e5}),
+    "mistral": ("mistral", "mistral", {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "rope_theta": 1e6}),
+}  # fmt: skip
+# LLaVA-NeXT's 5 default pinpoints ((h, w), multiples of 336)
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def make_tiny_llava_hf(
+    out_dir: str | Path,
+    *,
+    architecture: str = "llava",
+    llm: str = "vicuna",
+    sliding_window: int | None = 64,
+    vision: dict | None = None,
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    image_grid_pinpoints: list | None = None,
+    hidden_size: int = TINY_TEXT["hidden_size"],
+    intermediate_size: int = TINY_TEXT["intermediate_size"],
+    num_layers: int = TINY_TEXT["num_layers"],
+    tie_word_embeddings: bool = False,
+    tokenizer=None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny `LlavaForConditionalGeneration` (architecture "llava") or
+    `LlavaNextForConditionalGeneration` ("llava_next"); returns the directory.
+
+    llm: a `TINY_LLMS` flavour ("vicuna", "llama3", "mistral"); `sliding_window` is the
+    Mistral flavour's window (None: full causal, as Mistral-7B-Instruct-v0.2), ignored
+    otherwise. Vision: `TINY_CLIP` updated by `vision`. `tokenizer` defaults to
+    `tokenizers.small_bpe(700, style=<the flavour's>)`; the embedding table gets
+    `vocab_size` rows (default: the tokenizer's size rounded up to a multiple of 64, as
+    llava-hf's converter pads it; the extra rows are never produced by the tokenizer).
+    Its special ids go into config.json / generation_config.json as llava-hf writes them.
+    """
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        MistralConfig,
+    )
+
+    from data_pipelines.hf_processor import save_processor_configs
+    from lov_jax.testing import tokenizers as test_tokenizers
+
+    if llm not in TINY_LLMS:
+        raise ValueError(f"llm {llm!r} not in {sorted(TINY_LLMS)}")
+    classes = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
+               "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration)}  # fmt: skip
+    if architecture not in classes:
+        raise ValueError(f"architecture {architecture!r} not in {sorted(classes)}")
+    model_type, style, text_kw = TINY_LLMS[llm]
+    spec = tokenizer or test_tokenizers.small_bpe(700, style=style)
+    ids = spec.token_ids
+    rows = vocab_size or -(-spec.vocab_size // 64) * 64
+    v = dict(TINY_CLIP, **(vision or {}))
+    torch.manual_seed(seed)
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+        num_hidden_layers=v["num_layers"], num_attention_heads=v["num_heads"],
+        image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        projection_dim=v["hidden_size"],
+    )  # fmt: skip
+    rope = text_kw["rope_theta"]
+    text_args = dict(
+        vocab_size=rows, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=text_kw["num_attention_heads"],
+        num_key_value_heads=text_kw["num_key_value_heads"], rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": rope, "rope_type": "default"},
+        tie_word_embeddings=tie_word_embeddings, max_position_embeddings=4096,
+        bos_token_id=ids.bos, eos_token_id=list(ids.eos), pad_token_id=ids.pad,
+    )  # fmt: skip
+    if model_type == "mistral":
+        text = MistralConfig(**text_args, sliding_window=sliding_window)
+    else:
+        text = LlamaConfig(**text_args)
+    config_cls, model_cls = classes[architecture]
+    extra = {}
+    if architecture == "llava_next":
+        extra["image_grid_pinpoints"] = image_grid_pinpoints or NEXT_PINPOINTS
+    cfg = config_cls(
+        vision_config=vision_cfg, text_config=text, image_token_index=ids.image,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        tie_word_embeddings=tie_word_embeddings, **extra,
+    )  # fmt: skip
+    model = model_cls(cfg).eval()
+    # Random init leaves norms at 1/0, biases and the newline at 0: perturb them so
+    # parity tests would notice a missing or misplaced term.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("norm", "image_newline", "class_embedding")) or (
+                name.endswith("bias")
+            ):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.generation_config.eos_token_id = list(ids.eos)
+    model.generation_config.pad_token_id = ids.pad
+    model.generation_config.bos_token_id = ids.bos
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    test_tokenizers.save_tokenizer(spec, out_dir)
+    save_processor_configs(out_dir, ModelConfig.from_hf_config(cfg.to_dict()))
+    return out_dir
+
+
 # ---- the same prompt for HF and for us ------------------------------------------------------
 
 
@@ -144,10 +269,13 @@ def chat_frame(tokenizer=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(head), tuple(tail)
 
 
-def to_hf_pixels(crops: np.ndarray) -> np.ndarray:
-    """uint8[n, S, S, 3] -> float32[n, 3, S, S] normalised like HF (x/255 - 0.5)/0.5."""
+def to_hf_pixels(crops: np.ndarray, vision=None) -> np.ndarray:
+    """uint8[n, S, S, 3] -> float32[n, 3, S, S] normalised like HF: (x/255 - mean)/std in
+    fp32 with `vision`'s (a VisionConfig) statistics; None: SigLIP's 0.5 / 0.5."""
+    mean = np.float32(0.5 if vision is None else vision.image_mean)
+    std = np.float32(0.5 if vision is None else vision.image_std)
     x = crops.astype(np.float32) * np.float32(1 / 255)
-    return ((x - 0.5) / 0.5).transpose(0, 3, 1, 2)
+    return ((x - mean) / std).transpose(0, 3, 1, 2)
 
 
 def random_image(h: int, w: int, seed: int):
@@ -170,15 +298,22 @@ def expand(items, cfg: ModelConfig, frame=None) -> np.ndarray:
     return np.asarray(ids + list(tail), np.int32)
 
 
-def single_image_sample(h: int, w: int, cfg: ModelConfig, seed: int = 0) -> Sample:
+def single_image_sample(
+    h: int, w: int, cfg: ModelConfig, seed: int = 0, *, frame=None, kind: str | None = None
+) -> Sample:
+    """One random HxW image as the architecture's processor takes it (`kind`: default
+    `image_processing.image_kind`): LLaVA-1.5 one crop, pixel_values [1, 3, S, S];
+    NeXT / OneVision anyres crops, pixel_values [1, n, 3, S, S] with image_sizes."""
     from data_pipelines import image_processing
 
-    crops, item = image_processing.preprocess("anyres", random_image(h, w, seed), cfg)
-    torch_kwargs = {
-        "pixel_values": to_hf_pixels(crops)[None],
-        "image_sizes": np.asarray([[h, w]]),
-    }
-    return Sample(expand([item], cfg), crops, [item], torch_kwargs)
+    kind = kind or image_processing.image_kind(cfg, 1)
+    crops, item = image_processing.preprocess(kind, random_image(h, w, seed), cfg)
+    pixels = to_hf_pixels(crops, cfg.vision)
+    if cfg.architecture == "llava":  # LlavaForConditionalGeneration: one crop per image
+        torch_kwargs = {"pixel_values": pixels}
+    else:
+        torch_kwargs = {"pixel_values": pixels[None], "image_sizes": np.asarray([[h, w]])}
+    return Sample(expand([item], cfg, frame), crops, [item], torch_kwargs)
 
 
 def multi_image_sample(sizes, cfg: ModelConfig, seed: int = 0) -> Sample:

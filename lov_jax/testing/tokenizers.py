@@ -85,6 +85,36 @@ VICUNA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# Mistral-instruct style (llava-hf llava-v1.6-mistral-7b `chat_template` layout):
+# "[INST] <image>\n{q} [/INST]", assistant turns " {a}</s>".
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ ' ' + content['text'] + '</s>' }}{% endgeneration %}{% endfor %}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+# Llama-3 style (llava-hf llama3-llava-next-8b `chat_template` layout): header tokens,
+# images first in a turn, each turn ended by <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ '<|begin_of_text|>' }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ content['text'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}{{ content['text'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
 
 def small_bpe(
     vocab_size: int = 700,
@@ -95,23 +125,33 @@ def small_bpe(
     """A byte-level BPE of about `vocab_size` entries with specials at chosen ids.
 
     style "vicuna": `<unk>` pad, `<s>` bos, `</s>` eos, Vicuna template.
+    style "mistral": the same specials, the Mistral-instruct `[INST]` template.
+    style "llama3": `<pad>` pad, `<|begin_of_text|>` bos, `<|eot_id|>` and
+    `<|end_of_text|>` eos, header tokens, the Llama-3 template.
     style "chatml": `<|pad|>` pad, `<|im_end|>` and `<|endoftext|>` eos, no bos, the
     llava-hf OneVision ChatML template (so a OneVision model runs on it).
     `specials` maps token text -> id; ids not given go to the end of the table.
     """
-    if style == "vicuna":
-        names = {"pad": "<unk>", "bos": "<s>", "eos": ("</s>",)}
-        template = VICUNA_TEMPLATE
+    llama = {"pad": "<unk>", "bos": "<s>", "eos": ("</s>",), "extra": ()}
+    if style in ("vicuna", "mistral"):
+        names = llama
+        template = VICUNA_TEMPLATE if style == "vicuna" else MISTRAL_TEMPLATE
+    elif style == "llama3":
+        names = {"pad": "<pad>", "bos": "<|begin_of_text|>",
+                 "eos": ("<|eot_id|>", "<|end_of_text|>"),
+                 "extra": ("<|start_header_id|>", "<|end_header_id|>")}  # fmt: skip
+        template = LLAMA3_TEMPLATE
     elif style == "chatml":
         from data_pipelines.tokenizer import CHAT_TEMPLATE
 
-        names = {"pad": "<|pad|>", "bos": None, "eos": ("<|im_end|>", "<|endoftext|>")}
+        names = {"pad": "<|pad|>", "bos": None, "eos": ("<|im_end|>", "<|endoftext|>"),
+                 "extra": ("<|im_start|>",)}  # fmt: skip
         template = CHAT_TEMPLATE
     else:
-        raise ValueError(f"style {style!r} not in ('vicuna', 'chatml')")
+        raise ValueError(f"style {style!r} not in ('vicuna', 'mistral', 'llama3', 'chatml')")
     texts = [names["pad"], *names["eos"], IMAGE_TEXT, VIDEO_TEXT]
     texts += [names["bos"]] if names["bos"] else []
-    texts += ["<|im_start|>"] if style == "chatml" else []
+    texts += list(names["extra"])
     wanted = dict(specials or {})
     unknown = set(wanted) - set(texts)
     if unknown:

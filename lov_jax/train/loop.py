@@ -98,7 +98,7 @@ def run_training(
         state, out = trainer.step(state, batch)
         out = jax.device_get(out)
         seconds = time.perf_counter() - t0
-        lengths, crops, _ = metrics.batch_work(host, cfg.vision.num_patches)
+        lengths, crops, _ = metrics.batch_work(host, cfg.vision.num_features)
         n_proc = jax.process_count()
         flops = metrics.step_flops(cfg, lengths, crops, config.optim.trainable) * n_proc
         record = _step_record(out, host, seconds, flops, peak, data_iter)

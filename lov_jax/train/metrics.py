@@ -71,13 +71,13 @@ def step_flops(cfg: ModelConfig, segment_lengths, num_crops: int, trainable) -> 
     tokens = lengths.sum()
     attn = t.num_layers * 2 * np.sum(lengths**2) * t.num_heads * t.head_dim  # fwd, causal
     llm = llm_factor * n["llm"] * tokens + (llm_factor / 2) * attn
-    patches = num_crops * v.num_patches
-    vis_attn = v.num_layers * 4 * v.num_patches**2 * v.hidden_size * num_crops
-    vision = vis_factor * n["vision"] * patches + (vis_factor / 2) * vis_attn
-    return float(llm + proj_factor * n["projector"] * patches + vision)
+    seq = v.num_patches + int(v.has_cls)  # tower tokens per crop; the projector sees F
+    vis_attn = v.num_layers * 4 * seq**2 * v.hidden_size * num_crops
+    vision = vis_factor * n["vision"] * num_crops * seq + (vis_factor / 2) * vis_attn
+    return float(llm + proj_factor * n["projector"] * num_crops * v.num_features + vision)
 
 
-def batch_work(batch: dict, patches_per_crop: int) -> tuple[list[int], int, int]:
+def batch_work(batch: dict, features_per_crop: int) -> tuple[list[int], int, int]:
     """(segment lengths, real crops, trained tokens) of a host batch [A, B, ...]."""
     seg = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1])
     lengths = []
@@ -89,7 +89,7 @@ def batch_work(batch: dict, patches_per_crop: int) -> tuple[list[int], int, int]
     w = batch["vis_w"].reshape(idx.shape)
     crops = 0
     for r in range(idx.shape[0]):
-        used = idx[r][w[r] != 0] // patches_per_crop
+        used = idx[r][w[r] != 0] // features_per_crop
         crops += len(np.unique(used[used < n_crops]))
     return lengths, crops, int(batch["loss_mask"].sum())
 

@@ -191,16 +191,18 @@ def image_kind(cfg: ModelConfig, num_images: int, *, plain: bool = False) -> str
     """The item kind of each image of a prompt / record with `num_images` images.
 
     llava            cfg.vision_aspect_ratio ("center_crop" = llava-hf, "pad" = original)
-    llava_next       "anyres" for every image (HF LlavaNextProcessor); a `plain`
-                     (stage-1) sample takes "center_crop", the original's CLIP processor
-    llava_onevision  "square" when `plain`, "anyres" for a lone image, else "pad"
+    llava_next       "anyres" for every image (HF LlavaNextProcessor)
+    llava_onevision  "anyres" for a lone image, else "pad" (HF LlavaOnevisionProcessor)
+    A `plain` (stage-1 pretraining) sample takes the original's default `square` aspect,
+    i.e. its image processor applied directly: "center_crop" for the CLIP-processor
+    families (LLaVA-1.5's pretrain.sh passes no image_aspect_ratio), "square" for OneVision.
     """
     if num_images < 0:
         raise ValueError(f"num_images {num_images} < 0")
-    if cfg.architecture == "llava":
-        return cfg.vision_aspect_ratio
-    if cfg.architecture == "llava_next":
-        return "center_crop" if plain else "anyres"
+    if cfg.architecture in ("llava", "llava_next"):
+        if plain:
+            return "center_crop"
+        return cfg.vision_aspect_ratio if cfg.architecture == "llava" else "anyres"
     if plain:
         return "square"
     return "anyres" if num_images == 1 else "pad"

@@ -14,9 +14,19 @@ import types
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import LlavaNextConfig, LlavaNextProcessor, LlavaProcessor
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
+from data_pipelines.hf_processor import load_hf_processor, save_processor_configs
+from data_pipelines.image_processing import (
+    anyres_crops,
+    center_crop,
+    image_kind,
+    normalize,
+    pad_color,
+    pad_crop,
+)
 from lov_jax.config import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -24,6 +34,8 @@ from lov_jax.config import (
     TextConfig,
     VisionConfig,
 )
+from lov_jax.inference import prompting
+from lov_jax.testing.tokenizers import save_tokenizer, small_bpe
 from lov_jax.token_ids import TokenIds
 from lov_jax.visual_layout import (
     VisualItem,
@@ -270,3 +282,173 @@ def test_place_taps_llava_stride():
     vis_idx, vis_w = place_taps(tokens, [VisualItem("center_crop")], cfg, num_crop_slots=2)
     assert vis_idx[0, 0] == 2 * 577 + 1 and vis_w[0].sum() == 0
     np.testing.assert_array_equal(vis_idx[2:-1, 0], np.arange(577))
+
+
+# ---- pixels ------------------------------------------------------------------------------
+
+
+def _random_image(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+    arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+
+
+def _hf_clip(**kw):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), **kw,
+    )  # fmt: skip
+
+
+def _channels_last(pixel_values) -> np.ndarray:
+    return np.asarray(pixel_values).transpose(0, 2, 3, 1)
+
+
+def expand2square(pil_img, background_color):
+    """Verbatim from haotian-liu/LLaVA llava/mm_utils.py (LLaVA-1.5 image_aspect_ratio=pad)."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    elif width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    else:
+        result = Image.new(pil_img.mode, (height, height), background_color)
+        result.paste(pil_img, ((height - width) // 2, 0))
+        return result
+
+
+PIXEL_SIZES = [(480, 640), (640, 480), (336, 336), (337, 335), (1, 1), (7, 900), (900, 7),
+               (501, 333), (1080, 1920), (100, 101)]  # fmt: skip
+LLAVA = llava_cfg("center_crop")
+LLAVA_PAD = llava_cfg("pad")
+
+
+@pytest.mark.parametrize("size", PIXEL_SIZES)
+def test_center_crop_equals_clip_image_processor(size):
+    img = _random_image(*size, seed=size[0] * 31 + size[1])
+    ours = center_crop(img, LLAVA)
+    assert ours.shape == (1, 336, 336, 3) and ours.dtype == np.uint8
+    raw = _hf_clip(do_rescale=False, do_normalize=False)([img], return_tensors="np")
+    np.testing.assert_array_equal(ours, _channels_last(raw["pixel_values"]))
+    hf = _hf_clip()([img], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(normalize(ours, LLAVA.vision), _channels_last(hf), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", PIXEL_SIZES)
+def test_pad_equals_original_expand2square(size):
+    img = _random_image(*size, seed=size[0] * 17 + size[1])
+    ours = pad_crop(img, LLAVA_PAD)
+    mean = _hf_clip().image_mean
+    ref = expand2square(img, tuple(int(x * 255) for x in mean))
+    raw = _hf_clip(do_rescale=False, do_normalize=False)([ref], return_tensors="np")
+    np.testing.assert_array_equal(ours, _channels_last(raw["pixel_values"]))
+    assert pad_color(LLAVA_PAD.vision) == (122, 116, 104)
+
+
+def _save_processor(tmp_path_factory, cfg: ModelConfig, name: str):
+    out = tmp_path_factory.mktemp(name)
+    save_tokenizer(SPEC, out)
+    save_processor_configs(out, cfg)
+    return load_hf_processor(out)
+
+
+SPEC = small_bpe(700)
+
+
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory):
+    """AutoProcessor-loaded processors of the files hf_processor writes, per config."""
+    cfgs = {"center_crop": LLAVA, "pad": LLAVA_PAD, "next": NEXT,
+            "full": llava_cfg("center_crop", "full")}  # fmt: skip
+    ids = SPEC.token_ids
+    return {k: (c.replace(token_ids=ids), _save_processor(tmp_path_factory, c, k))
+            for k, c in cfgs.items()}  # fmt: skip
+
+
+def test_processor_classes(processors):
+    names = {k: (type(p).__name__, type(p.image_processor).__name__)
+             for k, (_, p) in processors.items()}  # fmt: skip
+    assert names == {
+        "center_crop": ("LlavaProcessor", "CLIPImageProcessorPil"),
+        "pad": ("LlavaProcessor", "LlavaImageProcessorPil"),
+        "next": ("LlavaNextProcessor", "LlavaNextImageProcessorPil"),
+        "full": ("LlavaProcessor", "CLIPImageProcessorPil"),
+    }
+
+
+@pytest.mark.parametrize("key", ["center_crop", "pad", "next", "full"])
+def test_prompt_equals_hf_processor(processors, key):
+    """Our prompt path (image_kind -> preprocess -> expanded ids) == HF's processor on the
+    exported files: the ids (placeholder runs included) and the pixels of every crop."""
+    cfg, proc = processors[key]
+    sizes = [(480, 640), (200, 300)] if key != "next" else [(480, 640), (200, 300), (5, 900)]
+    images = [_random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    text = "USER: " + "<image>\n" * len(images) + "Compare them. ASSISTANT:"
+    hf = proc(text=text, images=images, return_tensors="np")
+    ids = SPEC.tokenizer.encode(text, add_special_tokens=False).ids
+    ours = prompting.encode_ids(cfg, ids, images, [])
+    np.testing.assert_array_equal(np.asarray(ours.tokens), hf["input_ids"][0])
+    kind = image_kind(cfg, len(images))
+    assert [it.kind for it in ours.items] == [kind] * len(images)
+    pv = np.asarray(hf["pixel_values"])
+    hf_crops = [pv[i, :n] for i, n in enumerate(num_crops(it, cfg) for it in ours.items)]
+    hf_crops = np.concatenate(hf_crops) if pv.ndim == 5 else pv
+    np.testing.assert_allclose(
+        normalize(ours.crops, cfg.vision), _channels_last(hf_crops), rtol=0, atol=1e-6
+    )
+
+
+def test_image_kinds_per_architecture():
+    from lov_jax.config import tiny
+
+    assert [image_kind(NEXT, n) for n in (1, 3)] == ["anyres", "anyres"]
+    assert [image_kind(LLAVA_PAD, n) for n in (1, 3)] == ["pad", "pad"]
+    assert [image_kind(LLAVA, n) for n in (1, 3)] == ["center_crop"] * 2
+    assert image_kind(LLAVA_PAD, 1, plain=True) == "center_crop"
+    assert [image_kind(tiny(), n) for n in (1, 2)] == ["anyres", "pad"]
+    assert image_kind(tiny(), 1, plain=True) == "square"
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA"])
+def test_modes_convert_as_hf(mode):
+    img = _random_image(300, 200, seed=3, mode=mode)
+    raw = _hf_clip(do_rescale=False, do_normalize=False)([img], return_tensors="np")
+    np.testing.assert_array_equal(center_crop(img, LLAVA), _channels_last(raw["pixel_values"]))
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_arrays_convert_as_hf(channels):
+    """numpy input takes HF's numpy convert_to_rgb (alpha blended in float, rounded)."""
+    arr = np.random.default_rng(4).integers(0, 256, (300, 200, channels), dtype=np.uint8)
+    raw = _hf_clip(do_rescale=False, do_normalize=False)([arr], return_tensors="np")
+    np.testing.assert_array_equal(center_crop(arr, LLAVA), _channels_last(raw["pixel_values"]))
+
+
+def test_bad_images_are_clear_errors(tmp_path):
+    from data_pipelines import media
+    from data_pipelines.sample import BadSample
+
+    with pytest.raises(ValueError, match="zero size 0x5"):
+        center_crop(Image.new("RGB", (0, 5)), LLAVA)
+    with pytest.raises(ValueError, match="empty"):
+        anyres_crops(np.zeros((0, 4, 3), np.uint8), NEXT)
+    wide = Image.fromarray(np.full((20, 30), 4000, np.uint16))
+    with pytest.raises(ValueError, match="'I;16' has samples wider than 8 bits"):
+        pad_crop(wide, LLAVA_PAD)
+    with pytest.raises(ValueError, match="dtype float32"):
+        center_crop(np.zeros((8, 8, 3), np.float32), LLAVA)
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 2\)"):
+        center_crop(np.zeros((8, 8, 2), np.uint8), LLAVA)
+    path = tmp_path / "deep.png"
+    wide.save(path)
+    with pytest.raises(BadSample, match="deep.png.*wider than 8 bits") as err:
+        media.load_image(str(path), "rec7")
+    assert err.value.reason == "corrupt_image" and "rec7" in str(err.value)

@@ -71,21 +71,24 @@ def ov_mix_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def record_items(record: dict) -> list[VisualItem]:
-    if record["kind"] == "single":
-        return [VisualItem("anyres", image_size=tuple(record["image_sizes"][0]))]
-    if record["kind"] == "multi":
-        return [VisualItem("pad") for _ in record["image_sizes"]]
+def record_items(record: dict, cfg: ModelConfig) -> list[VisualItem]:
+    """The record's visual items, each image of the kind `cfg`'s architecture gives it
+    (`image_processing.image_kind`: OneVision anyres alone / pad in a group, LLaVA-NeXT
+    anyres, LLaVA-1.5 one crop)."""
+    from data_pipelines.image_processing import image_kind
+
     if record["kind"] == "video":
         return [VisualItem("video", num_frames=record["num_frames"])]
-    return []
+    sizes = [tuple(hw) for hw in record["image_sizes"]]
+    kind = image_kind(cfg, len(sizes))
+    return [VisualItem(kind, image_size=hw if kind == "anyres" else None) for hw in sizes]
 
 
 def record_sizes(records: Sequence[dict], cfg: ModelConfig) -> np.ndarray:
     """int64[n, 3]: (total tokens, crops, text tokens) per synthetic record."""
     out = np.zeros((len(records), 3), np.int64)
     for i, r in enumerate(records):
-        items = record_items(r)
+        items = record_items(r, cfg)
         vis = sum(visual_layout.num_tokens(it, cfg) for it in items)
         out[i] = (r["text_tokens"] + vis, sum(visual_layout.num_crops(it, cfg) for it in items),
                   r["text_tokens"])  # fmt: skip
@@ -97,7 +100,7 @@ class SyntheticProcess:
 
     pixels="zeros": crops are zeros (fast; for packing/fill figures and tests);
     "preprocess": random-content images/frames of the record's sizes go through the real
-    `image_processing.preprocess` (anyres / pad / video), i.e. the host preprocessing cost
+    `image_processing.preprocess` (each item's kind, or video), i.e. the host preprocessing cost
     without file decoding. Text is random ids; the second half of the text is trained.
     A record with a "skip" key raises BadSample with that reason (bad-input tests).
     """
@@ -124,9 +127,11 @@ class SyntheticProcess:
             h, w = self.video_hw
             frames = [np.asarray(image(h, w)) for _ in range(record["num_frames"])]
             return preprocess("video", np.stack(frames), cfg)[0]
-        kind = "anyres" if record["kind"] == "single" else "pad"
         return np.concatenate(
-            [preprocess(kind, image(h, w), cfg)[0] for h, w in record["image_sizes"]]
+            [
+                preprocess(it.kind, image(h, w), cfg)[0]
+                for it, (h, w) in zip(items, record["image_sizes"], strict=True)
+            ]
         )
 
     def __call__(self, record: dict) -> Sample:
@@ -134,7 +139,7 @@ class SyntheticProcess:
             raise BadSample(record["skip"], f"{record['skip']}: synthetic record {record['id']}")
         cfg = self.cfg
         rng = np.random.default_rng(record["seed"])
-        items = record_items(record)
+        items = record_items(record, cfg)
         text = rng.integers(*_TEXT_IDS, size=record["text_tokens"]).astype(np.int32)
         head = len(text) // 2
         runs = []

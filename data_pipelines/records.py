@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import chat, media
-from data_pipelines.image_processing import preprocess
+from data_pipelines.image_processing import image_kind, preprocess
 from data_pipelines.prompt import expand_placeholders
 from data_pipelines.sample import BadSample, Reason, Sample, over_budget
 from data_pipelines.sources import INDEX_KEY, SOURCE_KEY
@@ -108,9 +108,7 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
         crops.append(c)
         items.append(item)
     elif image_refs:
-        kind = "square" if chat_opts.template == "plain" else "pad"
-        if len(image_refs) == 1 and chat_opts.template != "plain":
-            kind = "anyres"
+        kind = image_kind(cfg, len(image_refs), plain=chat_opts.template == "plain")
         for ref in image_refs:
             c, item = preprocess(kind, media.load_image(ref), cfg)
             crops.append(c)

@@ -13,21 +13,34 @@ from __future__ import annotations
 
 import ml_collections
 
-PRESETS = ("tiny", "demo", "ov_0_5b", "ov_7b", "ov_72b")
-_SMALL = ("tiny", "demo")  # CPU-sized presets: fp32 compute, no remat
+PRESETS = ("tiny", "demo", "ov_0_5b", "ov_7b", "ov_72b")  # the OneVision stages'
 
 
-def base_config(preset: str) -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {PRESETS}")
+def family_presets(architecture: str) -> tuple[str, ...]:
+    """The lov_jax.config presets of one architecture ("llava", "llava_next", ...)."""
+    from lov_jax import config
+
+    return tuple(n for n, make in config.PRESETS.items() if make().architecture == architecture)
+
+
+def _small(preset: str) -> bool:  # CPU-sized presets: fp32 compute, no remat
+    return preset == "demo" or preset.startswith("tiny") or preset.endswith("tiny")
+
+
+def base_config(preset: str, presets: tuple[str, ...] = PRESETS) -> ml_collections.ConfigDict:
+    if preset not in presets:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {presets}")
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(
         {
             "preset": preset,
-            "dtype": "float32" if preset in _SMALL else "bfloat16",
+            "dtype": "float32" if _small(preset) else "bfloat16",
             "param_dtype": "float32",
-            "remat_policy": "none" if preset in _SMALL else "full",
+            "remat_policy": "none" if _small(preset) else "full",
             "attention_impl": "xla",
+            # "" = the preset's / init_from checkpoint's; LLaVA-1.5: "pad" (the original's
+            # image_aspect_ratio) | "center_crop" (llava-hf's CLIPImageProcessor)
+            "vision_aspect_ratio": "",
         }
     )
     # Initialise from an HF dir or an Orbax checkpoint (a previous stage's workdir).
@@ -51,7 +64,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             # 729 tokens, no newline: data_pipelines/records.py)
             "template": "qwen_1_5",
             "loss_mask": "llava_next",  # llava_next | assistant
-            "system_prompt": "You are a helpful assistant.",
+            # "template_default": the template's own (data_pipelines/chat.py TEMPLATES:
+            # qwen_1_5 "You are a helpful assistant.", vicuna_v1 its "A chat between ...",
+            # plain / mistral_instruct none); "": none; else that text.
+            "system_prompt": "template_default",
             "frames_upbound": 32,  # video frame cap (finetune_ov.sh; earlier stages: no video)
             "seq_len": 32768,  # L tokens per row
             "max_crops": 84,  # N crops per row (~L/400 on the OV mix)

@@ -22,6 +22,8 @@ def model_from_config(config) -> tuple[ModelConfig, object]:
         "remat_policy": config.model.remat_policy,
         "attention_impl": config.model.attention_impl,
     }
+    if config.model.vision_aspect_ratio:  # "" keeps the preset's / checkpoint's
+        overrides["vision_aspect_ratio"] = config.model.vision_aspect_ratio
     if config.init_from:
         from lov_jax.pretrained import load_pretrained
 
@@ -45,7 +47,7 @@ def make_process_fn(config, cfg: ModelConfig, tokenizer):
         chat=chat.ChatOptions(
             template=config.data.template,
             loss_mask=config.data.loss_mask,
-            system_prompt=config.data.system_prompt or None,
+            system_prompt=config.data.system_prompt or None,  # or chat.TEMPLATE_DEFAULT
         ),
         video=media.VideoOptions(frames_upbound=config.data.frames_upbound),
         max_tokens=config.data.seq_len,

@@ -38,16 +38,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-from lov_jax import sharding
+from lov_jax.models import kernel_mesh
 
 # The kernel tiles q/kv blocks by the TPU lane width; every block size and
 # sequence length must be a multiple of it.
@@ -156,39 +154,12 @@ def splash_attention(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(*args)
-    rows, heads = _mesh_split(mesh, b, n, kv_heads)
+    rows, heads = kernel_mesh.mesh_split(mesh, b, n, kv_heads, "splash attention")
     specs = (P(rows, None, heads, None),) * 3 + (sk.SegmentIds(q=P(rows), kv=P(rows)),)
     # check_vma=False: the Pallas kernel's outputs carry no varying-axes annotation.
     return jax.shard_map(
         local, mesh=mesh, in_specs=specs[: len(args)], out_specs=specs[0], check_vma=False
     )(*args)
-
-
-def _mesh_split(mesh, batch: int, heads: int, kv_heads: int):
-    """Mesh axes (rows, heads) the kernel's B and N/K dims are split over in shard_map.
-
-    From the active rules table (`sharding.activation_rules`, else the default one):
-    `activation_batch` for rows, `activation_heads` for heads. A batch that does not
-    divide (the 1-row dummy input of `init`) is replicated instead.
-    """
-    rules = nn.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
-    spec = sharding.logical_to_spec(("activation_batch", "activation_heads"), rules)
-
-    def present(entry) -> tuple[str, ...]:
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-
-    rows, head_axes = present(spec[0]), present(spec[1])
-    if batch % math.prod(mesh.shape[a] for a in rows):
-        rows = ()
-    split = math.prod(mesh.shape[a] for a in head_axes)
-    if heads % split or kv_heads % split:
-        raise ValueError(
-            f"splash attention on this mesh splits heads over {head_axes} ({split} ways): "
-            f"query heads ({heads}) and kv heads ({kv_heads}) must both divide by {split}; "
-            "use a smaller tensor axis or attention_impl='xla'"
-        )
-    return rows or None, head_axes or None
 
 
 def _splash_local(q, k, v, segment_ids=None, *, causal, interpret, block_sizes) -> jax.Array:

@@ -322,7 +322,7 @@ def expand2square(pil_img, background_color):
         return result
 
 
-PIXEL_SIZES = [(480, 640), (640, 480), (336, 336), (337, 335), (1, 1), (7, 900), (900, 7),
+PIXEL_SIZES = [(480, 640), (640, 480), (336, 336), (337, 335), (1, 1), (20, 700), (700, 20),
                (501, 333), (1080, 1920), (100, 101)]  # fmt: skip
 LLAVA = llava_cfg("center_crop")
 LLAVA_PAD = llava_cfg("pad")
@@ -401,6 +401,32 @@ def test_prompt_equals_hf_processor(processors, key):
     np.testing.assert_allclose(
         normalize(ours.crops, cfg.vision), _channels_last(hf_crops), rtol=0, atol=1e-6
     )
+
+
+def test_exported_next_processor_counts_every_size(processors):
+    """The written files (pinpoints, patch_size, CLS count, strategy) make HF's own
+    processor count what the layout counts, on the whole size grid."""
+    cfg, proc = processors["next"]
+    hf = proc._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
+    assert hf == [num_tokens(VisualItem("anyres", image_size=s), cfg) for s in SIZES]
+
+
+@pytest.mark.parametrize("size", [(40, 70), (56, 56), (1, 300), (300, 1), (120, 170), (55, 57)])
+def test_next_crops_equal_hf_tiny_pinpoints(size):
+    """NeXT crops at a 56px tower over the odd pinpoint set (3x4 grids, black padding)."""
+    from transformers import LlavaNextImageProcessorPil
+
+    img = _random_image(*size, seed=size[0] + 5 * size[1])
+    hf_proc = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=[list(p) for p in TINY_PINPOINTS], do_rescale=False,
+        do_normalize=False,
+    )  # fmt: skip
+    out = hf_proc([img], return_tensors="np")
+    crops, size_hw = anyres_crops(img, TINY_NEXT)
+    assert tuple(out["image_sizes"][0]) == size_hw
+    assert len(crops) == num_crops(VisualItem("anyres", image_size=size_hw), TINY_NEXT)
+    np.testing.assert_array_equal(crops, _channels_last(out["pixel_values"][0]))
 
 
 def test_image_kinds_per_architecture():

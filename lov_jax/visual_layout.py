@@ -23,6 +23,8 @@ Per architecture (`cfg.architecture`), as HF's model packs features:
   llava_next       "anyres" (LlavaNextModel.pack_image_features): base crop, then the
                    unpadded grid with one newline per row; no downsample
                    (`vision_aspect_ratio="anyres"`). Every image of a prompt is anyres.
+                   Every NeXT preset follows HF where HF and the original LLaVA-1.6
+                   disagree (images with H, W <= S; unpad rounding; `_anyres_geometry`).
   llava_onevision  "anyres" with the anyres_max_N downsample; "pad" multi-image members;
                    "video"; "square" for stage 1.
 

@@ -163,6 +163,77 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+# ---- prompts: lmms-eval's `doc_to_text` per family (question, options, fields, pre, post) ----
+
+
+def _options(options) -> str:
+    return "" if options is None else "\n" + metrics.format_options(options)
+
+
+def _prompt(question, options, meta, pre, post) -> str:
+    """ai2d / muirbench / mmmu / seedbench / egoschema / docvqa / chartqa: question, the
+    'A. text' lines, post prompt."""
+    return f"{pre}{question}{_options(options)}{post}"
+
+
+def _strip_replace(phrase: str):
+    """mme / mmstar / realworldqa: the stripped question; a non-empty pre / post prompt
+    replaces the dataset's own instruction (`phrase`)."""
+
+    def prompt(question, options, meta, pre, post) -> str:
+        question = question.strip()
+        if pre or post:
+            question = question.replace(phrase, "")
+        return f"{pre}{question}{_options(options)}{post}"
+
+    return prompt
+
+
+def _mmbench(question, options, meta, pre, post) -> str:
+    """en_utils.mmbench_doc_to_text: '[hint ]question There are several options:\nA. x'."""
+    block = "There are several options:" + _options(options)
+    hint = meta.get("hint")
+    body = f"{hint} {question} {block}" if hint and hint != "nan" else f"{question} {block}"
+    return f"{pre}{body}{post}"
+
+
+def _scienceqa(question, options, meta, pre, post) -> str:
+    context = f"Context: {meta['hint']}\n" if meta.get("hint") else ""
+    return f"{pre}{context}{question}{_options(options)}{post}"
+
+
+VIDEOMME_INSTRUCTION = (
+    "Select the best answer to the following multiple-choice question based on the video "
+    "and the subtitles. Respond with only the letter (A, B, C, or D) of the correct option."
+)
+
+
+def _videomme(question, options, meta, pre, post) -> str:
+    return f"{pre}{VIDEOMME_INSTRUCTION}\n{question}{_options(options)}\n{post}"
+
+
+def _nextqa(question, options, meta, pre, post) -> str:
+    lines = [question.strip()] + [f"{c}. {o.strip()}" for c, o in
+                                  zip(metrics.LETTERS, options or [], strict=False)]  # fmt: skip
+    return pre + "\n".join(lines) + post
+
+
+PROMPTS = {
+    "mmbench": _mmbench,
+    "scienceqa": _scienceqa,
+    "videomme": _videomme,
+    "nextqa_mc": _nextqa,
+    "mme": _strip_replace(" Please answer yes or no."),
+    "mmstar": _strip_replace(" Please answer yes or no."),
+    "realworldqa": _strip_replace(
+        "Please answer directly with only the letter of the correct option and nothing else."
+    ),
+    "textvqa_accuracy": lambda q, o, m, pre, post: f"{pre}{q.capitalize()}{_options(o)}{post}",
+    "ocrbench": lambda q, o, m, pre, post: f"{pre}{q.strip()}{_options(o)}{post}",
+    "pope": lambda q, o, m, pre, post: f"{pre}{q.strip()}{_options(o)}{post}",
+}
+
+
 class MissingMedia(FileNotFoundError):
     """A readable record whose media file is absent (keeps what the scorer needs)."""
 
@@ -192,11 +263,10 @@ def _request(rec: dict, rid: str, index: int, spec: TaskSpec, root: Path) -> Req
     metrics.check_record(name, answers, options, meta)
     if options and name != "exact_match":
         answers = [metrics.answer_letter(answers[0], options)]
-    text = spec.pre_prompt + question
-    if options is not None:
-        text += "\n" + metrics.format_options(options)
-    post = spec.post_prompt
-    text += metric.default_post_prompt(bool(options)) if post is None else post
+    post = (
+        metric.default_post_prompt(bool(options)) if spec.post_prompt is None else spec.post_prompt
+    )
+    text = PROMPTS.get(name, _prompt)(question, options, meta, spec.pre_prompt, post)
     images = [str(root / p) for p in _as_list(rec.get("images", rec.get("image")))]
     videos = [str(root / p) for p in _as_list(rec.get("videos", rec.get("video")))]
     for p in images + videos:

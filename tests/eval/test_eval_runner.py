@@ -89,7 +89,10 @@ def test_task_records_and_bad_inputs(task):
     assert bad == {"missing1": "missing_media", "noanswer": "malformed_record",
                    "mix:5": "malformed_record"}  # fmt: skip
     mc = next(r for r in recs if r.id == "mc1")
-    assert "\nA. dog\nB. cat\nC. bird\nD. fish\nAnswer with the option's letter" in mc.question
+    # lmms-eval's mmbench_doc_to_text layout (question, its options block, post prompt)
+    assert mc.question == ("Which animal? There are several options:\nA. dog\nB. cat\nC. bird\n"
+                           "D. fish\n\nAnswer with the option's letter from the given choices "
+                           "directly.")  # fmt: skip
 
 
 def test_run_eval_scores_and_reports(task, tmp_path):

@@ -501,3 +501,73 @@ def test_diff_mme_pope_ocrbench():
     for key in ("accuracy", "precision", "recall", "f1_score", "yes_ratio"):
         fn = getattr(task_functions, f"pope_aggregate_{key}")
         assert got[f"pope_{key}"] == pytest.approx(fn([o[f"pope_{key}"] for o in pope_ref]))
+
+
+# ---- prompts: tasks.py against lmms-eval's doc_to_text ----------------------------------
+
+MC = "\nAnswer with the option's letter from the given choices directly."
+OPEN = "\nAnswer the question using a single word or phrase."
+
+
+def _request(tmp_path, metric, rec):
+    import json
+
+    from lov_jax.eval.tasks import Request, TaskSpec, read_records
+
+    path = tmp_path / f"{metric}.jsonl"
+    path.write_text(json.dumps({"id": "r", "metric": metric, **rec}) + "\n")
+    (req,) = read_records(TaskSpec(name=metric, data=path, metric=metric))
+    assert isinstance(req, Request), req
+    return req
+
+
+@pytest.mark.parametrize("question", ["Is it red? Please answer yes or no.", "  What is it?  "])
+def test_prompts_equal_doc_to_text(tmp_path, question):
+    from lmms_eval_ref import prompts as P
+
+    opts = ["red box", " blue ", "green"]
+    lettered = [f"{c}. {o}" for c, o in zip("ABC", opts, strict=False)]
+    base = {"question": question, "answer": "A"}
+    mc = {**base, "options": opts}
+    mc_kw = {"pre_prompt": "", "post_prompt": MC}
+    sqa = {"format": "default", **mc_kw}
+    cases = [
+        ("scienceqa", {**mc, "hint": "It is day."}, P.sqa_doc_to_text(
+            {"hint": "It is day.", "question": question, "choices": opts}, sqa)),
+        ("scienceqa", mc, P.sqa_doc_to_text({"hint": "", "question": question, "choices": opts},
+                                            sqa)),
+        ("mme", {**base, "answer": "Yes", "category": "color", "question_id": "1.png"},
+         P.mme_doc_to_text({"question": question}, {"pre_prompt": "", "post_prompt": OPEN})),
+        ("videomme", mc, P.videomme_doc_to_text({"question": question, "options": lettered},
+                                                {"pre_prompt": "", "post_prompt": MC})),
+        ("nextqa_mc", {**mc, "options": opts + ["x", "y"]}, P.nextqa_doc_to_text_mc(
+            {"question": question, **{f"a{i}": o for i, o in enumerate(opts + ["x", "y"])}})),
+        ("textvqa_accuracy", {**base, "answers": ["a"] * 10}, P.textvqa_doc_to_text(
+            {"question": question}, {"pre_prompt": "", "post_prompt": OPEN, "ocr": False})),
+        ("realworldqa", base, P.realworldqa_doc_to_text({"question": question},
+                                                        {"pre_prompt": "", "post_prompt": ""})),
+        ("ai2d", mc, P.ai2d_doc_to_text({"question": question, "options": opts},
+                                        {"prompt_format": "mcq", **mc_kw})),
+        ("muirbench", mc, P.muir_doc_to_text({"question": question, "options": opts},
+                                             {"pre_prompt": "", "post_prompt": MC})),
+        ("egoschema", mc, P.egoschema_doc_to_text({"question": question, "option": lettered},
+                                                  {"pre_prompt": "", "post_prompt": ""})),
+        ("pope", {**base, "answer": "yes"}, P.pope_doc_to_text(
+            {"question": question}, {"pre_prompt": "", "post_prompt": OPEN})),
+        ("ocrbench", base, P.ocrbench_doc_to_text({"question": question},
+                                                  {"pre_prompt": "", "post_prompt": ""})),
+        ("chartqa", base, P.chartqa_doc_to_text(
+            {"question": question},
+            {"pre_prompt": "", "post_prompt": "\nAnswer the question with a single word."})),
+        ("seedbench", {**mc, "options": opts + ["x"]}, P.seed_doc_to_text(
+            {"question": question, "choice_a": opts[0], "choice_b": opts[1], "choice_c": opts[2],
+             "choice_d": "x"})),
+        # mmbench_doc_to_text and mmmu construct_prompt need pandas / the dataset's options
+        # string; their layouts, read off the code:
+        ("mmbench", {**mc, "hint": "H"}, f"H {question} There are several options:\n"
+         f"A. red box\nB.  blue \nC. green\n{MC}"),
+        ("mmmu", mc, f"{question}\nA. red box\nB.  blue \nC. green\n\n{MC.strip()}"),
+        ("mmmu", base, f"{question}\n\n{OPEN.strip()}"),
+    ]  # fmt: skip
+    for metric, rec, want in cases:
+        assert _request(tmp_path, metric, rec).question == want, metric

@@ -1,5 +1,8 @@
 """`lov-jax check-parity`: HF processor + PyTorch model vs our preprocessing + JAX model.
 
+The HF class compared against is the one config.json's `model_type` names
+(`lov_jax.architectures.hf_class`: Llava, LlavaNext or LlavaOnevision ...ForConditionalGeneration).
+
 Both sides start from the same raw inputs (prompt text, image files, a video
 file). HF's video processor needs torchvision, which we never install, so for
 video both models get the frames from our preprocessing (docs/reference.md 5.2: a
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import image_processing, video
+from data_pipelines import video
 from lov_jax import visual_layout
 from lov_jax.config import ModelConfig
 from lov_jax.models.llava_onevision import LlavaOnevision
@@ -114,14 +117,20 @@ def check_parity(
     save_logits: str | None = None,
 ) -> ParityReport:
     import torch
-    from transformers import LlavaOnevisionForConditionalGeneration
 
     from data_pipelines.hf_processor import load_hf_processor
+    from lov_jax import architectures
     from lov_jax.convert.safetensors_io import load_hf_checkpoint
     from lov_jax.inference.prompting import Prompter
 
     jax.config.update("jax_default_matmul_precision", "highest")
     hf_dir = Path(hf_dir)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    if architectures.is_original(hf_config):
+        raise ValueError(
+            f"{hf_dir / 'config.json'}: an original LLaVA checkpoint, which transformers cannot "
+            "load: convert it (lov-jax convert hf-to-orbax, then orbax-to-hf) and compare that"
+        )
     cfg, params = load_hf_checkpoint(hf_dir, dtype="float32")
     images = _load_images(image_paths)
     frames = video.read_video(video_path, num_frames) if video_path else None
@@ -152,7 +161,8 @@ def check_parity(
     )
     ours = np.asarray(ours)[0]
 
-    hf_model = LlavaOnevisionForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+    hf_class = architectures.hf_class(cfg.architecture)
+    hf_model = hf_class.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         ref = hf_model.eval()(**inputs).logits[0].float().numpy()
 
@@ -178,7 +188,11 @@ def _pixel_diff(our_crops, hf_pixels, items, cfg: ModelConfig) -> float:
     if hf_pixels is None:
         return 0.0
     hf = hf_pixels.numpy()  # [num_images, max_crops, 3, S, S], the images in prompt order
-    ours = image_processing.normalize(our_crops)
+    if hf.ndim == 4:  # LLaVA-1.5: one crop per image, [num_images, 3, S, S]
+        hf = hf[:, None]
+    # normalised as the tower does it in-model (lov_jax/models/vit.py)
+    mean, std = np.asarray(cfg.vision.image_mean), np.asarray(cfg.vision.image_std)
+    ours = ((np.asarray(our_crops, np.float64) / 255.0 - mean) / std).astype(np.float32)
     diff, start, image = 0.0, 0, 0
     for item in items:
         n = visual_layout.num_crops(item, cfg)

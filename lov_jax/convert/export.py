@@ -22,7 +22,7 @@ import numpy as np
 
 from lov_jax.config import ModelConfig
 from lov_jax.convert import io_utils, orbax_io
-from lov_jax.convert.hf_keys import CheckpointError, hf_entries
+from lov_jax.convert.hf_keys import CheckpointError, hf_entries, unused_fill
 from lov_jax.convert.safetensors_io import _NAMES, INDEX_NAME, SINGLE_NAME, _parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -176,6 +176,8 @@ def orbax_to_hf(
         )
         for name, path, layer, tf in entries
     ]
+    fill = unused_fill(cfg, "hf", next(iter(out_dtype.values())))
+    plan += [(name, x.dtype, x.shape) for name, x in fill.items()]
     with io_utils.atomic_output(out, overwrite) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, plan, max_shard_size)
@@ -190,6 +192,10 @@ def orbax_to_hf(
                         stats.bytes += y.nbytes
                         bar.update(1)
                     del leaf
+            for name, x in fill.items():
+                writer.write(name, x)
+                stats.tensors += 1
+                stats.bytes += x.nbytes
         finally:
             writer.close_file()
         writer.write_index()

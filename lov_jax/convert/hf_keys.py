@@ -127,6 +127,14 @@ def _rules_of(cfg: ModelConfig) -> tuple[_Rule, ...]:
     return _rules(cfg.vision.kind, cfg.projector, cfg.text.kind)
 
 
+def unused_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """Canonical names a checkpoint of `cfg` may hold that no leaf stores (the tower
+    family's `unused`: CLIP's pooler-only post_layernorm); an import skips them."""
+    from lov_jax.models import families
+
+    return tuple(_VISION[0] + n for n in families.vision(cfg.vision.kind).unused)
+
+
 def _tied(cfg: ModelConfig) -> tuple[str, str] | None:
     """(head path, embedding path) when the head is tied: it is then no param of ours."""
     from lov_jax.models import families
@@ -261,17 +269,21 @@ def _match(
     after the feature layer (`cfg.vision.num_layers` are kept) are skipped, never read.
     """
     shapes, rules, tied = _target_shapes(cfg), _rules_of(cfg), _tied(cfg)
+    unused = set(unused_names(cfg))
     matches: list[_Match] = []
     errors: list[str] = []
     filled: dict[tuple[str, int | None], str] = {}
     for key in keys:
-        if _DROPPED.search(key):
+        if _DROPPED.search(key) or canonical_name(key) in unused:
             continue
         hit = _lookup(key, rules)
         if hit is None:
             errors.append(f"unknown key {key!r}")
             continue
         path, layer, tf = hit
+        if path not in shapes and (tied is None or path != tied[0]):
+            errors.append(f"unexpected key {key!r}: this config has no {path}")
+            continue
         if (path, layer) in filled:
             at = "" if layer is None else f" layer {layer}"
             errors.append(f"duplicate: {filled[path, layer]!r} and {key!r} both fill {path}{at}")
@@ -404,7 +416,8 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> di
     """Inverse of `hf_to_params`: nested params -> {HF name: array} in `layout` (LAYOUTS).
 
     The default writes what the installed transformers' `save_pretrained` writes; a
-    tied model gets no lm_head tensor (transformers re-ties on load).
+    tied model gets no lm_head tensor (transformers re-ties on load). Unused tensors
+    (`unused_fill`) are written too, so the file has every tensor the HF class has.
     """
     prefixes = _layout(cfg, layout)
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}  # one host copy per leaf
@@ -415,6 +428,19 @@ def params_to_hf(params: Mapping, cfg: ModelConfig, *, layout: str = "hf") -> di
     for name, path, layer, tf in _entries(cfg):
         y = flat[path] if layer is None else flat[path][layer]
         out[_hf_name(name, layer, prefixes)] = tf.to_hf(y)
+    dtype = next(v.dtype for k, v in flat.items() if k.startswith(_VISION[1]))
+    return {**out, **unused_fill(cfg, layout, dtype)}
+
+
+def unused_fill(cfg: ModelConfig, layout: str, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """{HF name: tensor} for the `unused_names` an export writes: the tower's unused
+    norms as the identity LayerNorm (weight 1, bias 0; [vision hidden]). The HF class
+    builds them (CLIP's pooler post_layernorm) though no LLaVA output reads them."""
+    prefixes = _layout(cfg, layout)
+    out = {}
+    for name in unused_names(cfg):
+        fill = np.ones if name.endswith(".weight") else np.zeros
+        out[_hf_name(name, None, prefixes)] = fill((cfg.vision.hidden_size,), dtype)
     return out
 
 

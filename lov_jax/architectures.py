@@ -38,7 +38,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lov_jax.config import ANYRES_GRID_PINPOINTS, ModelConfig
+from lov_jax.config import ANYRES_GRID_PINPOINTS, NEXT_GRID_PINPOINTS, ModelConfig
 
 # architecture -> (config.json model_type, transformers class)
 HF_NAMES: dict[str, tuple[str, str]] = {
@@ -60,8 +60,7 @@ _DEFAULT_VISION = {
 }  # fmt: skip
 _DEFAULT_VISION["llava_next"] = _DEFAULT_VISION["llava"]
 _DEFAULT_TEXT_TYPE = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2"}
-# LlavaNextConfig's pinpoints when config.json has none ((h, w), multiples of 336).
-NEXT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# LlavaNextConfig's pinpoints when config.json has none: config.NEXT_GRID_PINPOINTS.
 # LLaVA-1.5 has no grid; its default only keeps configs comparable.
 _DEFAULT_PINPOINTS = {
     "llava": NEXT_GRID_PINPOINTS, "llava_next": NEXT_GRID_PINPOINTS,

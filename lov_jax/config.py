@@ -138,7 +138,9 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """LLaVA-OneVision: vision tower + 2-layer GELU projector + Qwen-2.
+    """A LLaVA model: vision tower + projector + LLM, of one `architecture` (LLaVA-1.5,
+    LLaVA-NeXT, OneVision); `vision_aspect_ratio` is one of that architecture's
+    ASPECT_RATIOS.
 
     `dtype` is the compute dtype, `param_dtype` the master-weight dtype.
     `remat_policy` is one of REMAT_POLICIES, applied to every scanned block.
@@ -227,6 +229,107 @@ class ModelConfig:
 # ---- presets ---------------------------------------------------------------------
 
 _SO400M_OV = VisionConfig()
+# CLIP ViT-L/14-336 as LLaVA-1.5 / NeXT use it: hidden_states[-2] = 23 of its 24 layers,
+# CLS dropped (576 tokens per crop); docs/reference_family.md A.2.
+CLIP_L14_336 = VisionConfig(
+    kind="clip", hidden_size=1024, intermediate_size=4096, num_layers=23, num_heads=16,
+    patch_size=14, image_size=336, layer_norm_eps=1e-5, feature_select="default",
+    hidden_act="quick_gelu", image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+)  # fmt: skip
+# LlavaNextConfig's default pinpoints, (h, w) multiples of 336 (docs/reference_family.md A.7).
+NEXT_GRID_PINPOINTS: tuple[tuple[int, int], ...] = (
+    (336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008),
+)  # fmt: skip
+
+
+def _llava15(text: TextConfig, kw: dict) -> ModelConfig:
+    """LLaVA-1.5: one CLIP crop per image, no image_newline. `center_crop` is how llava-hf
+    preprocesses (its logits); the original trained with "pad" (a recipe may set it)."""
+    kw = {"vision": CLIP_L14_336, "vision_aspect_ratio": "center_crop", "video_pool_size": 12,
+          "image_grid_pinpoints": NEXT_GRID_PINPOINTS, **kw}  # fmt: skip
+    return ModelConfig(text=text, architecture="llava", **kw)
+
+
+def _llava_next(text: TextConfig, kw: dict) -> ModelConfig:
+    """LLaVA-NeXT: anyres over the 5 pinpoints, no downsample, one newline per row."""
+    kw = {"vision": CLIP_L14_336, "image_grid_pinpoints": NEXT_GRID_PINPOINTS,
+          "video_pool_size": 12, **kw}  # fmt: skip
+    return ModelConfig(text=text, architecture="llava_next", vision_aspect_ratio="anyres", **kw)
+
+
+# The released LLMs (docs/reference_family.md A.11). llava-hf pads Llama vocabularies to
+# V + 2 rounded up to 64 (32000 -> 32064, 128256 -> 128320); Qwen-1.5 keeps 152064.
+_VICUNA_7B = TextConfig(
+    kind="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
+    num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=1e4, rms_norm_eps=1e-5,
+    max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False,
+)  # fmt: skip
+_VICUNA_13B = dataclasses.replace(
+    _VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+    num_kv_heads=40,
+)  # fmt: skip
+_MISTRAL_7B_V02 = TextConfig(  # Mistral-7B-Instruct-v0.2: no sliding window
+    kind="mistral", vocab_size=32064, hidden_size=4096, intermediate_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+    rms_norm_eps=1e-5, max_position_embeddings=32768, tie_word_embeddings=False,
+    attention_bias=False, sliding_window=None,
+)  # fmt: skip
+_LLAMA3_8B = dataclasses.replace(
+    _MISTRAL_7B_V02, kind="llama", vocab_size=128320, rope_theta=5e5,
+    max_position_embeddings=8192,
+)  # fmt: skip
+_QWEN15_72B = TextConfig(  # Qwen1.5-72B-Chat: MHA (64 kv heads), q/k/v biases
+    kind="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=24576,
+    num_layers=80, num_heads=64, num_kv_heads=64, head_dim=128, rope_theta=1e6,
+    rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def llava15_7b(**kw: Any) -> ModelConfig:
+    return _llava15(_VICUNA_7B, kw)
+
+
+def llava15_13b(**kw: Any) -> ModelConfig:
+    return _llava15(_VICUNA_13B, kw)
+
+
+def llava_next_mistral_7b(**kw: Any) -> ModelConfig:
+    return _llava_next(_MISTRAL_7B_V02, kw)
+
+
+def llava_next_vicuna_7b(**kw: Any) -> ModelConfig:
+    return _llava_next(_VICUNA_7B, kw)
+
+
+def llava_next_llama3_8b(**kw: Any) -> ModelConfig:
+    return _llava_next(_LLAMA3_8B, kw)
+
+
+def llava_next_72b(**kw: Any) -> ModelConfig:
+    return _llava_next(_QWEN15_72B, kw)
+
+
+_TINY_CLIP = dataclasses.replace(
+    CLIP_L14_336, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
+)  # the real 336/14 geometry: 576 features per crop
+
+
+def tiny_llava15(**kw: Any) -> ModelConfig:
+    """Tiny LLaVA-1.5 (tests): CLIP 32 wide + a 2-layer Llama (MHA)."""
+    text = dataclasses.replace(
+        _VICUNA_7B, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=4, head_dim=12,
+    )  # fmt: skip
+    return _llava15(text, {"vision": _TINY_CLIP, **kw})
+
+
+def tiny_llava_next(**kw: Any) -> ModelConfig:
+    """Tiny LLaVA-NeXT (tests): CLIP 32 wide + a 2-layer Mistral (GQA 4/2, window 64)."""
+    text = dataclasses.replace(
+        _MISTRAL_7B_V02, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=12, sliding_window=64,
+    )  # fmt: skip
+    return _llava_next(text, {"vision": _TINY_CLIP, **kw})
 
 
 def ov_0_5b(**kw: Any) -> ModelConfig:
@@ -280,7 +383,13 @@ def demo(**kw: Any) -> ModelConfig:
     )
 
 
-PRESETS = {"ov_0_5b": ov_0_5b, "ov_7b": ov_7b, "ov_72b": ov_72b, "tiny": tiny, "demo": demo}
+PRESETS = {
+    "ov_0_5b": ov_0_5b, "ov_7b": ov_7b, "ov_72b": ov_72b, "tiny": tiny, "demo": demo,
+    "llava15_7b": llava15_7b, "llava15_13b": llava15_13b,
+    "llava_next_mistral_7b": llava_next_mistral_7b, "llava_next_vicuna_7b": llava_next_vicuna_7b,
+    "llava_next_llama3_8b": llava_next_llama3_8b, "llava_next_72b": llava_next_72b,
+    "tiny_llava15": tiny_llava15, "tiny_llava_next": tiny_llava_next,
+}  # fmt: skip
 
 
 def preset(name: str, **kw: Any) -> ModelConfig:

@@ -266,3 +266,102 @@ def test_llm_config_readers_validate_fields():
     assert families.llm("mistral").to_hf(mistral(base))["sliding_window"] == 4096
     with pytest.raises(ValueError, match="use_sliding_window"):
         families.llm("qwen2").from_hf({**base, "use_sliding_window": True})
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+# llava-hf config.json facts (docs/reference_family.md A.11), typed from the hub table, not
+# from our presets: (class, LLM model_type, H, layers, heads, kv heads, I, V).
+HUB = {
+    "llava15_7b": ("llava", "llama", 4096, 32, 32, 32, 11008, 32064),
+    "llava15_13b": ("llava", "llama", 5120, 40, 40, 40, 13824, 32064),
+    "llava_next_mistral_7b": ("llava_next", "mistral", 4096, 32, 32, 8, 14336, 32064),
+    "llava_next_vicuna_7b": ("llava_next", "llama", 4096, 32, 32, 32, 11008, 32064),
+    "llava_next_llama3_8b": ("llava_next", "llama", 4096, 32, 32, 8, 14336, 128320),
+    "llava_next_72b": ("llava_next", "qwen2", 8192, 80, 64, 64, 24576, 152064),
+}
+# Totals of the HF models (docs/reference_family.md A.9.2, meta-device counts).
+PUBLISHED = {"llava15_7b": 7_063_427_072, "llava_next_mistral_7b": 7_566_747_648}
+
+
+def _hf_param_counts(name: str) -> tuple[int, int]:
+    """(all params, params we do not store: CLIP's 24th layer + post_layernorm) of the HF
+    model with the hub config, instantiated on the meta device."""
+    from transformers import (
+        AutoConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
+
+    arch, llm, h, layers, heads, kv, inter, vocab = HUB[name]
+    text = AutoConfig.for_model(
+        llm, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    classes = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
+               "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration)}  # fmt: skip
+    cls, model_cls = classes[arch]
+    with torch.device("meta"):
+        model = model_cls(cls(text_config=text))  # the default vision_config: CLIP-L/336
+    last = f"layers.{model.config.vision_config.num_hidden_layers - 1}."
+    total = unused = 0
+    for n, p in model.named_parameters():
+        total += p.numel()
+        if "vision_tower" in n and (last in n or "post_layernorm" in n):
+            unused += p.numel()
+    return total, unused
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_preset_parameter_counts_equal_hf(name):
+    from lov_jax.models.llava_onevision import abstract_params, count_params
+
+    cfg = config.preset(name)
+    total, unused = _hf_param_counts(name)
+    assert total == PUBLISHED.get(name, total)
+    assert count_params(abstract_params(cfg, boxed=False)) == total - unused
+    assert cfg.vision.num_layers == 23 and cfg.vision.num_features == 576
+    assert cfg.has_image_newline == (HUB[name][0] == "llava_next")
+
+
+@pytest.mark.parametrize("name", [*HUB, "tiny_llava15", "tiny_llava_next"])
+def test_preset_shardings_and_forward_build(name):
+    """What `lov-jax plan` needs without libtpu: the rules table divides every param on a
+    (data 1, fsdp 4, tensor 2) mesh, and the forward traces (abstractly) at the preset's
+    real shapes."""
+    from lov_jax import batch, sharding
+    from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
+    from lov_jax.plan import check_divisible
+
+    cfg = config.preset(name)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), sharding.MESH_AXES)
+    boxed = abstract_params(cfg)
+    specs = sharding.params_sharding(boxed, mesh)
+    leaves = nn.meta.unbox(boxed)
+    check_divisible(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), leaves, specs
+    ))  # fmt: skip
+    length = 2 * cfg.vision.num_features + 8
+    keys = ("tokens", "positions", "segment_ids", "pixels", "vis_idx", "vis_w")
+    inputs = batch.abstract_batch(1, length, 2, cfg, keys=keys)
+    out = jax.eval_shape(
+        lambda p, b: LlavaOnevision(cfg).apply({"params": p}, **b, output="hidden"), leaves, inputs
+    )
+    assert out.shape == (1, length, cfg.text.hidden_size)
+
+
+@pytest.mark.parametrize("name", [*HUB, "tiny_llava15", "tiny_llava_next"])
+def test_preset_config_json_round_trip(name):
+    from lov_jax.token_ids import TokenIds
+
+    ids = TokenIds(pad=32001, eos=(2,), image=32000, video=32002, bos=1)
+    cfg = config.preset(name, token_ids=ids)
+    hf = cfg.to_hf_config()
+    # exported with the kept layers and vision_feature_layer -1 (HF computes the same)
+    assert hf["vision_feature_layer"] == -1
+    assert hf["vision_config"]["num_hidden_layers"] == cfg.vision.num_layers
+    assert hf["text_config"]["model_type"] == HUB.get(name, (None, cfg.text.kind))[1]
+    assert config.ModelConfig.from_hf_config(hf, token_ids=ids) == cfg

@@ -251,6 +251,7 @@ def _request(rec: dict, rid: str, index: int, spec: TaskSpec, root: Path) -> Req
     answers = _as_list(rec.get("answers", rec.get("answer")))
     if not answers or not all(isinstance(a, (str, int, float)) for a in answers):
         raise ValueError("missing `answer`/`answers` (strings)")
+    first = answers[0]
     answers = [str(a) for a in answers]
     name = rec.get("metric", spec.metric)
     metric = metrics.get(name)
@@ -262,6 +263,10 @@ def _request(rec: dict, rid: str, index: int, spec: TaskSpec, root: Path) -> Req
     meta = {f: rec[f] for f in metric.fields + metric.optional_fields if f in rec}
     metrics.check_record(name, answers, options, meta)
     if options and name != "exact_match":
+        if type(first) is int:  # a json number is the option's index (as HF datasets store it)
+            if not 0 <= first < len(options):
+                raise ValueError(f"answer index {first} out of range for {len(options)} options")
+            answers = [metrics.LETTERS[first]]
         answers = [metrics.answer_letter(answers[0], options)]
     post = (
         metric.default_post_prompt(bool(options)) if spec.post_prompt is None else spec.post_prompt

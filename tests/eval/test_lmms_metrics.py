@@ -8,6 +8,7 @@ tests/eval/lmms_eval_ref/) against ours on a few hundred generated responses.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -18,6 +19,7 @@ from lmms_eval_ref.vqa_eval_metric import EvalAIAnswerProcessor
 
 from lov_jax.eval import answer_parsing as ap
 from lov_jax.eval import metrics as M
+from lov_jax.eval.tasks import BadRecord, Request, TaskSpec, read_records
 
 OPTS = ["dog", "cat", "bird", "fish"]
 
@@ -510,10 +512,6 @@ OPEN = "\nAnswer the question using a single word or phrase."
 
 
 def _request(tmp_path, metric, rec):
-    import json
-
-    from lov_jax.eval.tasks import Request, TaskSpec, read_records
-
     path = tmp_path / f"{metric}.jsonl"
     path.write_text(json.dumps({"id": "r", "metric": metric, **rec}) + "\n")
     (req,) = read_records(TaskSpec(name=metric, data=path, metric=metric))
@@ -571,3 +569,32 @@ def test_prompts_equal_doc_to_text(tmp_path, question):
     ]  # fmt: skip
     for metric, rec, want in cases:
         assert _request(tmp_path, metric, rec).question == want, metric
+
+
+def test_task_answer_forms(tmp_path):
+    opts = ["1", "2", "3", "4"]
+    base = {"question": "How many?", "options": opts}
+    # a json number is the option's index (ScienceQA / AI2D / NExT-QA store it so); a
+    # string is a letter, or the option's text
+    assert _request(tmp_path, "scienceqa", {**base, "answer": 2}).answers == ["C"]
+    assert _request(tmp_path, "scienceqa", {**base, "answer": "2"}).answers == ["B"]
+    assert _request(tmp_path, "scienceqa", {**base, "answer": "(D)"}).answers == ["D"]
+    path = tmp_path / "bad.jsonl"
+    lines = [{"question": "q", "answer": 9, **base, "metric": "scienceqa"},
+             {"question": "q", "answer": "A", "metric": "mcq"},
+             {"question": "q", "answer": "A", "options": opts, "parser": "mmmu"},
+             {"question": "q", "answer": "maybe", "metric": "pope"}]  # fmt: skip
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    bad = read_records(TaskSpec(name="bad", data=path, metric="mmbench"))
+    assert all(isinstance(b, BadRecord) for b in bad)
+    msgs = [b.message for b in bad]
+    assert "neither an option letter" in msgs[0]
+    assert "unknown metric 'mcq'; known:" in msgs[1]
+    assert "`parser` is gone" in msgs[2]
+    assert "yes or no" in msgs[3]
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        TaskSpec(name="t", data=path, metric="nope")
+    with pytest.raises(ValueError, match="ignore_case"):
+        TaskSpec(name="t", data=path, ignore_case="yes")
+    with pytest.raises(ValueError, match="bad regex"):
+        TaskSpec(name="t", data=path, regexes_to_ignore=["("])

@@ -22,10 +22,12 @@ sample id; EgoSchema's full test set is scored by a web server in lmms-eval, her
 local `egoschema_subset` accuracy (needs the answers).
 
 Benchmarks of the LLaVA-OneVision paper that need a GPT judge and are left to lmms-eval
-(run it against `lov-jax serve`): MM-Vet, LLaVA-Bench (in-the-wild, Wilder),
-LLaVA-Interleave's open-ended parts, MathVista (GPT answer extraction), MathVerse,
-VideoDetailCaption, ActivityNet-QA, VideoChatGPT, MMBench with GPT matching,
-MME-RealWorld's and MLVU's generation tasks, and any `*_reasoning` variant.
+(run it against `lov-jax serve`): MM-Vet, LLaVA-Bench (in-the-wild) and LLaVA-Wilder,
+ImageDC / VideoDetailCaption, MathVista and MathVerse (GPT answer extraction),
+ActivityNet-QA, VideoChatGPT, LiveBench, MMBench with GPT matching, and every
+`*_reasoning` variant. Rule-based ones the paper reports that are not here yet (lmms-eval
+has them): MVBench, PerceptionTest, LongVideoBench, BLINK, Mantis, Q-Bench and the
+LLaVA-Interleave bench.
 """
 
 from __future__ import annotations

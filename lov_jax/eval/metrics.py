@@ -220,6 +220,13 @@ def seedbench(s: Sample):
     return float(pred.lower().strip() == _gold_letter(s).lower().strip()), pred
 
 
+def seedbench_2(s: Sample):
+    """seedbench_2/utils.py: the first character, compared case-sensitively."""
+    pred = _pred(s)
+    pred = pred[0] if len(pred) > 1 else pred
+    return float(pred == _gold_letter(s)), pred
+
+
 def mme(s: Sample):
     pred = ap.mme_yes_no(s.prediction)
     return float(pred == _yes_no_gold(s.answers[0])), pred
@@ -420,11 +427,12 @@ def agg_chartqa(rows):
 
 
 def agg_seedbench(rows):
-    """seedbench/utils.py: accuracy per `data_type` ('seed_image', 'seed_video') and all."""
+    """seedbench/utils.py: accuracy per `data_type` ('seed_image', 'seed_video') and all;
+    SEED-Bench-2's types have spaces, joined by '_' ('seed_Single_Image')."""
     out = {}
     for dtype in sorted({r["meta"]["data_type"] for r in rows if "data_type" in r["meta"]}):
         rs = [r for r in rows if r["meta"].get("data_type") == dtype]
-        out[f"seed_{dtype}"] = statistics.fmean(float(r["score"]) for r in rs)
+        out[f"seed_{'_'.join(dtype.split(' '))}"] = statistics.fmean(float(r["score"]) for r in rs)
     out["seed_all"] = statistics.fmean(float(r["score"]) for r in rows)
     return out
 
@@ -525,6 +533,8 @@ METRICS: dict[str, Metric] = {
                               optional_fields=("hint",)),
     "seedbench": Metric(seedbench, agg_seedbench, True, MC_POST_PROMPT,
                         optional_fields=("data_type",), means=("seed_all",)),
+    "seedbench_2": Metric(seedbench_2, agg_seedbench, True, "\n" + MC_POST_PROMPT.strip(),
+                          optional_fields=("data_type",), means=("seed_all",)),
     "realworldqa": _mean_metric(realworldqa, "exact_match", None, ""),
     "videomme": Metric(mcq_abcd, agg_videomme, None, MC_POST_PROMPT),
     "mlvu_dev": Metric(mcq_abcd, _agg_mlvu("mlvu_dev"), None,

@@ -598,3 +598,22 @@ def test_task_answer_forms(tmp_path):
         TaskSpec(name="t", data=path, ignore_case="yes")
     with pytest.raises(ValueError, match="bad regex"):
         TaskSpec(name="t", data=path, regexes_to_ignore=["("])
+
+
+def test_seedbench_2_case_sensitive_and_types():
+    from lmms_eval_ref import seedbench2
+
+    assert sc("seedbench_2", "b", "B", OPTS)[0] == 0.0  # unlike SEED-Bench (v1)
+    types = ["Single Image", "Multiple Images", "Video"]
+    rows, ref = [], {}
+    for i, r in enumerate(CASES):
+        gold, dtype = "ABCD"[i % 4], types[i % 3]
+        doc = {"answer": gold, "data_type": dtype, "question_id": i}
+        for k, v in seedbench2.seed_process_result(doc, [r.strip()]).items():
+            ref.setdefault(k, []).append(v)
+        rows += rows_of("seedbench_2", [(r, gold, {"data_type": dtype}, OPTS)])
+    got = values(rows)
+    assert set(got) == set(ref) == {"seed_Single_Image", "seed_Multiple_Images", "seed_Video",
+                                    "seed_all"}  # fmt: skip
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(seedbench2.seed_aggregation_result(v)), k

@@ -78,6 +78,7 @@ class SlotDecoder:
         self.v = jnp.zeros_like(self.k)
         self.seg = np.zeros((slots, cache_len), np.int32)  # host copy of the labels
         self.t = 0
+        self.rolls = {"left": 0, "right": 0}  # cache moves so far (a figure; tests read it)
         self.live = np.zeros(slots, bool)
         self.start = np.zeros(slots, np.int32)  # first column of each live row's prompt
         self.tok = np.zeros(slots, np.int32)  # the token each row feeds next
@@ -137,6 +138,8 @@ class SlotDecoder:
         return None
 
     def _relabel(self, shift: int) -> None:
+        if shift:
+            self.rolls["left" if shift > 0 else "right"] += 1
         self.k, self.v = self._roll(self.k, self.v, jnp.int32(shift))
         self.seg = np.roll(self.seg, -shift, axis=1)
         self.start -= shift

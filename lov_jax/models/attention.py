@@ -50,6 +50,11 @@ AUTO_ORDER = {"gpu": ("cudnn", "pallas_gpu"), "tpu": ("splash",)}
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def check_window(causal: bool, sliding_window: int | None) -> None:
+    if sliding_window is not None and (not causal or sliding_window < 1):
+        raise ValueError(f"sliding_window={sliding_window} needs causal=True and W >= 1")
+
+
 def attention_mask(
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
@@ -61,8 +66,7 @@ def attention_mask(
     sliding_window: int | None = None,
 ) -> jax.Array | None:
     """bool[B or 1, T, S] mask (True = attend), or None when nothing is masked."""
-    if sliding_window is not None and (not causal or sliding_window < 1):
-        raise ValueError(f"sliding_window={sliding_window} needs causal=True and W >= 1")
+    check_window(causal, sliding_window)
     mask = None
     if q_segment_ids is not None:
         mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
@@ -217,8 +221,7 @@ def dot_product_attention(
     docstring. `sliding_window=None` is full causal attention."""
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    if sliding_window is not None and (not causal or sliding_window < 1):
-        raise ValueError(f"sliding_window={sliding_window} needs causal=True and W >= 1")
+    check_window(causal, sliding_window)
     call = Call.of(
         q, k, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         q_offset=q_offset, sliding_window=sliding_window,

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lov_jax.models.attention import MASK_VALUE, attention_mask
+from lov_jax.models.attention import MASK_VALUE, attention_mask, check_window
 
 DEFAULT_BLOCK = 512
 # Segment ids given to padded query rows / key columns: they match no real id (>= 0).
@@ -176,7 +176,7 @@ def chunked_attention(
         raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    attention_mask(None, None, q_len=1, kv_len=1, causal=causal, sliding_window=sliding_window)
+    check_window(causal, sliding_window)
     spec = _Spec(causal, sliding_window, min(block_q, t), min(block_k, s), t, s)
     nq, nk = spec.blocks
     if q_segment_ids is None and (nq * spec.block_q != t or nk * spec.block_k != s):

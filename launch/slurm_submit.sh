@@ -34,7 +34,7 @@ case "$PER" in
   *) die "--per must be gpu or node" ;;
 esac
 args=(sbatch --nodes="$NODES" --ntasks-per-node="$TASKS" --gpus-per-node="$GPUS"
-      --job-name="$JOB_NAME")
+      --job-name="$JOB_NAME" --export=ALL,LOV_JAX_REPO="$REPO_ROOT")
 [[ -n "$PARTITION" ]] && args+=(--partition="$PARTITION")
 [[ -n "$ACCOUNT" ]] && args+=(--account="$ACCOUNT")
 [[ -n "$TIME" ]] && args+=(--time="$TIME")

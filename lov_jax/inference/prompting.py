@@ -152,14 +152,16 @@ def to_messages(request: Request) -> tuple[list[dict], list, list]:
 
 
 def load_image(ref: Any):
-    """A path, PIL image or uint8[H, W, 3] array -> RGB PIL image."""
+    """A path, PIL image or uint8[H, W, 3] array -> RGB PIL image (alpha onto white, as
+    HF's processors; `image_processing.to_rgb`)."""
     from PIL import Image
 
     if isinstance(ref, (str, Path)):
         if not Path(ref).is_file():
             raise FileNotFoundError(f"image not found: {ref}")
         with Image.open(ref) as im:
-            return im.convert("RGB")
+            im.load()
+            return image_processing.to_rgb(im)
     return image_processing.to_rgb(ref)
 
 

@@ -202,8 +202,10 @@ def _hf_next_model(cfg: ModelConfig, hidden: int = 8) -> hf_next.LlavaNextModel:
     return hf_next.LlavaNextModel(hf_cfg).eval()
 
 
+# The last three are unpad-rounding cases (_rounding_sizes): HF's round(., 7) keeps a row.
 PACK_SIZES = [(899, 1024), (480, 640), (640, 480), (200, 300), (300, 200), (336, 336),
-              (1, 1), (2, 5000), (5000, 2), (503, 316), (1000, 1000), (337, 1007)]  # fmt: skip
+              (1, 1), (2, 5000), (5000, 2), (503, 316), (1000, 1000), (337, 1007),
+              (309, 309), (792, 1408), (1408, 792)]  # fmt: skip
 
 
 @pytest.mark.parametrize("cfg", [NEXT, TINY_NEXT], ids=["default_pinpoints", "tiny"])
@@ -478,3 +480,14 @@ def test_bad_images_are_clear_errors(tmp_path):
     with pytest.raises(BadSample, match="deep.png.*wider than 8 bits") as err:
         media.load_image(str(path), "rec7")
     assert err.value.reason == "corrupt_image" and "rec7" in str(err.value)
+
+
+def test_prompt_image_file_with_alpha_as_hf(tmp_path):
+    """An RGBA file given by path is composited onto white, as HF's processor does."""
+    img = _random_image(120, 90, seed=11, mode="RGBA")
+    path = tmp_path / "alpha.png"
+    img.save(path)
+    ours = center_crop(prompting.load_image(path), LLAVA)
+    with Image.open(path) as im:
+        raw = _hf_clip(do_rescale=False, do_normalize=False)([im], return_tensors="np")
+    np.testing.assert_array_equal(ours, _channels_last(raw["pixel_values"]))

@@ -7,15 +7,15 @@ config.json / weights: the tokenizer files (data_pipelines/tokenizer.py),
 `save_pretrained` of a (tiny) HF model plus these files is a complete llava-hf checkpoint.
 Per `cfg.architecture` (and, for LLaVA-1.5, `cfg.vision_aspect_ratio`):
 
-    architecture / aspect     image processor            processor
-    llava / center_crop       CLIPImageProcessor         LlavaProcessor
-    llava / pad               LlavaImageProcessor(do_pad) LlavaProcessor
-    llava_next / anyres       LlavaNextImageProcessor    LlavaNextProcessor
-    llava_onevision           LlavaOnevisionImageProcessor LlavaOnevisionProcessor
+    architecture / aspect   image processor                processor
+    llava / center_crop     CLIPImageProcessor             LlavaProcessor
+    llava / pad             LlavaImageProcessor(do_pad)    LlavaProcessor
+    llava_next / anyres     LlavaNextImageProcessor        LlavaNextProcessor
+    llava_onevision         LlavaOnevisionImageProcessor   LlavaOnevisionProcessor
 
 The processors' token counts then equal `visual_layout.num_tokens`: `patch_size`,
 `num_additional_image_tokens` (1 for a CLS tower) and `vision_feature_select_strategy`
-give F = `vision.num_features` per crop (docs/reference_family.md A.12.13).
+give F = `vision.num_features` per crop (docs/reference_family.md A.12, item 13).
 `AutoProcessor.from_pretrained(dir)` loads the llava / llava_next ones unchanged.
 
 `load_hf_processor(dir)` builds the processor offline. Environment deviation (docs/design.md 7):
@@ -47,8 +47,6 @@ PROCESSOR_CLASSES = {
     "llava_next": "LlavaNextProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
 }
-
-
 # (architecture, vision_aspect_ratio) -> image_processor_type; OneVision's for any ratio.
 IMAGE_PROCESSORS = {
     ("llava", "center_crop"): "CLIPImageProcessor",
@@ -125,7 +123,9 @@ def save_hf_processor_files(
 ) -> list[Path]:
     """Tokenizer files + preprocessor_config.json + processor_config.json; returns the paths.
 
-    `tokenizer` defaults to `build_qwen2_tokenizer()` (cached under ~/.cache/lov_jax).
+    `tokenizer` defaults to `build_qwen2_tokenizer()` (cached under ~/.cache/lov_jax). The
+    tokenizer files are the Qwen-2 / OneVision ones (data_pipelines/tokenizer.py); a
+    checkpoint with another tokenizer writes its own and calls `save_processor_configs`.
     """
     return save_hf_tokenizer_files(out_dir, tokenizer) + save_processor_configs(out_dir, cfg)
 

@@ -308,3 +308,39 @@ def test_gpu_extra_and_cudnn_pin_follow_requirements() -> None:
     )  # fmt: skip
     assert pins["jax"] == cudnn.JAX_VERSION == jax.__version__
     assert f'"gpu": ["jax[cuda12]=={pins["jax"]}"]' in (root / "setup.py").read_text()
+
+
+def test_partials_over_split_keys_merge_to_full_attention() -> None:
+    """What context parallelism relies on: attend_block over two disjoint key ranges,
+    merged in either order, then finish() = attention over all keys (GQA 3, causal +
+    segments); block_grads summed over the two ranges = the xla gradients."""
+    q, k, v = _qkv(2, T, T, 6, 2, 16, seed=9)
+    seg = _segment_ids(PACKED, T)
+
+    @jax.jit
+    def compute(q, k, v, seg):
+        full = attention.attention_mask(seg, seg, q_len=T, kv_len=T, causal=True)
+        cut = 23
+        halves = [
+            (k[:, :cut], v[:, :cut], full[..., :cut]),
+            (k[:, cut:], v[:, cut:], full[..., cut:]),
+        ]
+        parts = [chunked.attend_block(q, kb, vb, m) for kb, vb, m in halves]
+        outs = [chunked.finish(chunked.merge(a, b)) for a, b in (parts, parts[::-1])]
+        attend = lambda q, k, v: dot_product_attention(  # noqa: E731
+            q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True
+        )
+        ref, vjp = jax.vjp(attend, q, k, v)
+        dout = _on_tokens(jnp.cos(ref), seg)
+        out, lse = outs[0]
+        delta = jnp.sum(dout * out, -1)
+        g = [chunked.block_grads(q, kb, vb, m, dout, lse, delta) for kb, vb, m in halves]
+        got = (g[0][0] + g[1][0], jnp.concatenate([g[0][1], g[1][1]], 1),
+               jnp.concatenate([g[0][2], g[1][2]], 1))  # fmt: skip
+        return [o for o, _ in outs], ref, got, vjp(dout)
+
+    outs, ref, got, want = compute(q, k, v, seg)
+    for out in outs:
+        assert _max_diff(out, ref, seg) <= ATOL
+    for name, g, r in zip("qkv", got, want, strict=True):
+        assert float(jnp.max(jnp.abs(g - r))) <= ATOL, name

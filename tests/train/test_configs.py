@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from configs import common, demo, stage1, stage1_5, stage2_ov, stage2_si
+from configs import (
+    common,
+    demo,
+    llava15_finetune,
+    llava15_pretrain,
+    llava_next_finetune,
+    stage1,
+    stage1_5,
+    stage2_ov,
+    stage2_si,
+)
 from lov_jax.train.config_loading import UnknownConfigField, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,3 +162,82 @@ def test_demo_recipe_changes_only_the_demo_fields():
     assert demo.stage_config("stage1", out, data, 40).data.seed == 0
     c = load_config(f"{ROOT}/configs/demo.py:stage2_si")
     assert c.train.num_steps == 200 and c.init_from.endswith("demo_out/stage1")
+
+
+def test_family_recipes_set_what_their_recipes_change():
+    """LLaVA-1.5 pretrain.sh / finetune.sh and the LLaVA-NeXT finetune (docs/reference_family.md
+    A.11): projector only at 1e-3 on plain captions; projector + LLM at 2e-5 on vicuna_v1 with
+    padded images; NeXT everything, the tower at common.py's 2e-6, the LLM's template."""
+    recipes = {"llava15_pretrain": (llava15_pretrain, "llava15_7b", "llava"),
+               "llava15_finetune": (llava15_finetune, "llava15_13b", "llava"),
+               "llava_next_finetune": (llava_next_finetune, "llava_next_mistral_7b",
+                                       "llava_next")}  # fmt: skip
+    got = {}
+    for name, (recipe, preset, architecture) in recipes.items():
+        assert preset in common.family_presets(architecture)
+        base = common.base_config(preset, common.family_presets(architecture))
+        got[name] = _changes(recipe.get_config(preset), base)
+        c = load_config(f"{ROOT}/configs/{name}.py:{preset}")
+        assert c.model.preset == preset and c.model.dtype == "bfloat16"
+    assert got == {
+        "llava15_pretrain": {
+            "data.train_path": "blip_laion_cc_sbu_558k.json", "data.template": "plain",
+            "data.seq_len": 8192, "data.max_crops": 14, "optim.lr": 1e-3,
+            "optim.trainable": ("projector",),
+        },
+        "llava15_finetune": {
+            "model.vision_aspect_ratio": "pad", "data.train_path": "llava_v1_5_mix665k.json",
+            "data.template": "vicuna_v1", "data.seq_len": 8192, "data.max_crops": 12,
+            "optim.lr": 2e-5, "optim.trainable": ("projector", "llm"),
+        },
+        "llava_next_finetune": {
+            "data.train_path": "llava_1_6.json", "data.template": "mistral_instruct",
+            "data.seq_len": 8192, "data.max_crops": 16, "optim.lr": 2e-5,
+        },
+    }  # fmt: skip
+    base = common.base_config("llava15_7b", common.family_presets("llava"))
+    assert (base.optim.vision_lr, base.optim.trainable, base.optim.warmup_ratio) == (
+        2e-6, ("vision", "projector", "llm"), 0.03,
+    )  # fmt: skip
+    assert base.data.system_prompt == "template_default"  # vicuna_v1: conv_vicuna_v1's system
+
+
+def test_family_recipes_refuse_other_families_and_unknown_llms():
+    with pytest.raises(ValueError, match="unknown model preset 'ov_7b'"):
+        llava15_finetune.get_config("ov_7b")
+    with pytest.raises(ValueError, match="unknown model preset 'llava15_7b'"):
+        llava_next_finetune.get_config("llava15_7b")
+    templates = {
+        p: llava_next_finetune.template_for(p)
+        for p in (
+            "llava_next_mistral_7b",
+            "llava_next_vicuna_7b",
+            "llava_next_llama3_8b",
+            "llava_next_72b",
+        )
+    }
+    assert templates == {"llava_next_mistral_7b": "mistral_instruct",
+                         "llava_next_vicuna_7b": "vicuna_v1",
+                         "llava_next_llama3_8b": "llava_llama_3",
+                         "llava_next_72b": "qwen_1_5"}  # fmt: skip
+    assert llava_next_finetune.template_for("tiny_llava_next") == "mistral_instruct"
+    with pytest.raises(ValueError, match="--config.data.template=NAME"):
+        llava_next_finetune.template_for("tiny_llava15")  # a Llama of no named flavour
+
+
+def test_system_prompt_and_aspect_ratio_reach_the_pipeline():
+    """data.system_prompt "template_default" is the template's own system prompt in the
+    training ChatOptions; model.vision_aspect_ratio overrides the model's ("" keeps it)."""
+    from data_pipelines import chat
+    from lov_jax.train.run import make_process_fn, model_from_config
+
+    c = stage1.get_config("tiny")
+    c.data.template = "vicuna_v1"
+    options = make_process_fn(c, None, None).keywords["options"].chat
+    assert options.system_prompt == chat.get_template("vicuna_v1").system
+    c.data.system_prompt = ""
+    assert make_process_fn(c, None, None).keywords["options"].chat.system_prompt is None
+    cfg, _ = model_from_config(c)
+    assert cfg.vision_aspect_ratio == "anyres_max_9"  # the preset's
+    c.model.vision_aspect_ratio = "anyres_max_4"
+    assert model_from_config(c)[0].vision_aspect_ratio == "anyres_max_4"

@@ -316,6 +316,26 @@ def single_image_sample(
     return Sample(expand([item], cfg, frame), crops, [item], torch_kwargs)
 
 
+def multi_turn_sample(sizes, cfg: ModelConfig, seed: int = 0, *, frame=None) -> Sample:
+    """One image per user turn, turns one after another (each `frame`d like
+    `single_image_sample`), as the architecture's processor batches them: LLaVA-1.5
+    pixel_values [n, 3, S, S]; NeXT [n, max crops, 3, S, S] zero padded + image_sizes."""
+    turns = [single_image_sample(h, w, cfg, seed + i, frame=frame) for i, (h, w) in
+             enumerate(sizes)]  # fmt: skip
+    crops = np.concatenate([t.crops for t in turns])
+    items = [item for t in turns for item in t.items]
+    if cfg.architecture == "llava":
+        kwargs = {"pixel_values": np.concatenate([t.hf_kwargs["pixel_values"] for t in turns])}
+    else:
+        most = max(len(t.crops) for t in turns)
+        px = np.zeros((len(turns), most, *turns[0].hf_kwargs["pixel_values"].shape[2:]),
+                      np.float32)  # fmt: skip
+        for i, t in enumerate(turns):
+            px[i, : len(t.crops)] = t.hf_kwargs["pixel_values"][0]
+        kwargs = {"pixel_values": px, "image_sizes": np.asarray(sizes)}
+    return Sample(np.concatenate([t.tokens for t in turns]), crops, items, kwargs)
+
+
 def multi_image_sample(sizes, cfg: ModelConfig, seed: int = 0) -> Sample:
     from data_pipelines import image_processing
 

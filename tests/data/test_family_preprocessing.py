@@ -491,3 +491,16 @@ def test_prompt_image_file_with_alpha_as_hf(tmp_path):
     with Image.open(path) as im:
         raw = _hf_clip(do_rescale=False, do_normalize=False)([im], return_tensors="np")
     np.testing.assert_array_equal(ours, _channels_last(raw["pixel_values"]))
+
+
+def test_synthetic_records_follow_the_architecture():
+    """`lov-jax data stats` on a NeXT / LLaVA-1.5 config counts their items, not OV's."""
+    from data_pipelines import stats
+
+    multi = {"kind": "multi", "image_sizes": [(480, 640), (200, 300)], "num_frames": 0}
+    assert [it.kind for it in stats.record_items(multi, NEXT)] == ["anyres", "anyres"]
+    assert [it.kind for it in stats.record_items(multi, LLAVA_PAD)] == ["pad", "pad"]
+    records = [dict(multi, id="m", text_tokens=10, seed=0)]
+    want = 10 + 2340 + 1464  # A.7.3 / A.7.5 counts of the two images
+    assert stats.record_sizes(records, NEXT).tolist() == [[want, 5 + 3, 10]]
+    assert stats.record_sizes(records, LLAVA_PAD).tolist() == [[10 + 2 * 576, 2, 10]]

@@ -358,6 +358,18 @@ class Generator:
             logits0, cache = self._prefill(self.params, self._put(host), cache_len=cache_len or p)
         return logits0, cache, host
 
+    def context(self):
+        """The mesh and activation rules this generator's jitted calls run under."""
+        return self._context()
+
+    def put(self, tree, replicated: bool = False):
+        """Host arrays onto the mesh: rows over data x fsdp (leading axis), or replicated;
+        without a mesh, onto the default device. On a pod every process passes the same
+        values."""
+        if replicated and self.mesh is not None:
+            return jax.device_put(tree, NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return self._put(tree)
+
     def _put(self, tree):
         if self._data_sharding is None:
             return jax.tree.map(jnp.asarray, tree)

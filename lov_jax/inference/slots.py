@@ -25,6 +25,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lov_jax.inference.engine import Generator, PromptInputs
 from lov_jax.inference.sampling import sample_logits
@@ -90,10 +91,18 @@ class SlotDecoder:
             "top_k": np.zeros(slots, np.int32),
             "top_p": np.ones(slots, np.float32),
         }
-        self._sample = jax.jit(sample_rows, static_argnames=("greedy",))
-        self._step = jax.jit(self._step_impl, static_argnames=("greedy",), donate_argnums=(1, 2))
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(0, 1))
-        self._roll = jax.jit(self._roll_impl, donate_argnums=(0, 1))
+        # On a mesh, sampled tokens come back replicated (every process reads them) and
+        # the cache keeps its sharding.
+        rep = kv = None
+        if generator.mesh is not None:
+            rep = NamedSharding(generator.mesh, PartitionSpec())
+            kv = self.k.sharding
+        self._sample = jax.jit(sample_rows, static_argnames=("greedy",), out_shardings=rep)
+        self._step = jax.jit(self._step_impl, static_argnames=("greedy",), donate_argnums=(1, 2),
+                             out_shardings=None if rep is None else (rep, kv, kv))  # fmt: skip
+        cache = None if kv is None else (kv, kv)
+        self._insert = jax.jit(self._insert_impl, donate_argnums=(0, 1), out_shardings=cache)
+        self._roll = jax.jit(self._roll_impl, donate_argnums=(0, 1), out_shardings=cache)
 
     # ---- device functions ------------------------------------------------------------
 
@@ -121,6 +130,9 @@ class SlotDecoder:
 
     # ---- host protocol ---------------------------------------------------------------
 
+    def _scalar(self, x: int):
+        return self.gen.put(np.int32(x), replicated=True)
+
     def capacity_error(self, prompt: PromptInputs, max_new: int) -> str | None:
         """Why this prompt cannot be admitted (None: it can)."""
         n, crops = len(prompt.tokens), len(prompt.crops)
@@ -140,7 +152,8 @@ class SlotDecoder:
     def _relabel(self, shift: int) -> None:
         if shift:
             self.rolls["left" if shift > 0 else "right"] += 1
-        self.k, self.v = self._roll(self.k, self.v, jnp.int32(shift))
+        with self.gen.context():
+            self.k, self.v = self._roll(self.k, self.v, self._scalar(shift))
         self.seg = np.roll(self.seg, -shift, axis=1)
         self.start -= shift
         self.t -= shift
@@ -162,9 +175,10 @@ class SlotDecoder:
         elif self.t < p:
             self._relabel(self.t - p)
         start = self.t - p
-        self.k, self.v = self._insert(
-            self.k, self.v, pk[:, :1], pv[:, :1], jnp.int32(row), jnp.int32(start)
-        )
+        with self.gen.context():
+            self.k, self.v = self._insert(
+                self.k, self.v, pk[:, :1], pv[:, :1], self._scalar(row), self._scalar(start)
+            )
         self.seg[row] = 0
         self.seg[row, start : self.t] = host["mask"][0]
         self.seg[row, self.t :] = 1
@@ -174,10 +188,12 @@ class SlotDecoder:
         self.knobs["top_k"][row] = knobs.top_k
         self.knobs["top_p"][row] = knobs.top_p
         one = {name: a[row : row + 1] for name, a in self.knobs.items()}
-        first = self._sample(
-            logits[:1], one["seeds"], np.zeros(1, np.int32), one["temperature"],
-            one["top_k"], one["top_p"], greedy=knobs.temperature <= 0,
-        )  # fmt: skip
+        one = self.gen.put((one, np.zeros(1, np.int32)), replicated=True)
+        with self.gen.context():
+            first = self._sample(
+                logits[:1], one[0]["seeds"], one[1], one[0]["temperature"], one[0]["top_k"],
+                one[0]["top_p"], greedy=knobs.temperature <= 0,
+            )  # fmt: skip
         self.live[row] = True
         self.tok[row] = int(first[0])
         self.pos[row] = int(host["mask"][0].sum())
@@ -189,10 +205,12 @@ class SlotDecoder:
         if self.t >= self.cache_len:
             self._relabel(int(self.start[self.live].min()) if self.live.any() else self.t)
         greedy = bool((self.knobs["temperature"][self.live] <= 0).all())
-        new, self.k, self.v = self._step(
-            self.gen.params, self.k, self.v, self.seg, jnp.int32(self.t), self.tok, self.pos,
-            self.knobs, self.count, greedy=greedy,
-        )  # fmt: skip
+        rows = self.gen.put((self.seg, self.tok, self.pos, self.knobs, self.count))
+        with self.gen.context():
+            new, self.k, self.v = self._step(
+                self.gen.params, self.k, self.v, rows[0], self._scalar(self.t), *rows[1:],
+                greedy=greedy,
+            )  # fmt: skip
         new = np.asarray(new)
         self.t += 1
         self.tok = np.where(self.live, new, 0).astype(np.int32)
@@ -227,3 +245,9 @@ class SlotDecoder:
     def release(self, row: int) -> None:
         self.live[row] = False
         self.seg[row] = 0
+
+    def idle(self) -> None:
+        """Nothing to do for a while (a pod's decoder sends a keep-alive)."""
+
+    def close(self) -> None:
+        """No more calls (a pod's decoder releases the other processes)."""

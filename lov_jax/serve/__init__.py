@@ -55,13 +55,12 @@ class Running:
         self.scheduler.close()
 
 
-def build_service(
-    params, cfg: ModelConfig, prompter: Prompter, config: ServeConfig | None = None,
-    batching: Batching = Batching(), *, mesh=None, warmup: Sequence[int] | None = (),
-) -> Service:  # fmt: skip
-    """Generator -> SlotDecoder -> Scheduler (started) -> Service. warmup: the crop
-    buckets to precompile with every length bucket (None: none; () = text only)."""
-    config = config or ServeConfig()
+def build_decoder(
+    params, cfg: ModelConfig, batching: Batching = Batching(), *, mesh=None,
+    warmup: Sequence[int] | None = (),
+) -> SlotDecoder:  # fmt: skip
+    """Generator -> SlotDecoder, compiled for every length bucket x (0, *warmup) crop
+    buckets (warmup None: compile on demand)."""
     gen = Generator(
         params, cfg, mesh=mesh, length_buckets=batching.length_buckets,
         crop_buckets=batching.crop_buckets,
@@ -69,6 +68,19 @@ def build_service(
     decoder = SlotDecoder(gen, slots=batching.slots, cache_len=batching.context)
     if warmup is not None and batching.length_buckets:
         decoder.warmup(batching.length_buckets, (0, *warmup))
+    return decoder
+
+
+def build_service(
+    params, cfg: ModelConfig, prompter: Prompter, config: ServeConfig | None = None,
+    batching: Batching = Batching(), *, mesh=None, warmup: Sequence[int] | None = (),
+    decoder=None,
+) -> Service:  # fmt: skip
+    """SlotDecoder (`build_decoder`, or `decoder`: e.g. a pod's `PodDecoder`) ->
+    Scheduler (started) -> Service."""
+    config = config or ServeConfig()
+    if decoder is None:
+        decoder = build_decoder(params, cfg, batching, mesh=mesh, warmup=warmup)
     scheduler = Scheduler(decoder, prompter.tokenizer, cfg.ids.eos, max_queue=batching.max_queue)
     return Service(scheduler.start(), prompter, cfg, config)
 
@@ -81,5 +93,5 @@ def start(params, cfg, prompter, config=None, batching=Batching(), **kw) -> Runn
     return Running(url, service, http)
 
 
-__all__ = ["Batching", "Running", "ServeConfig", "Service", "build_service", "make_server",
-           "start"]  # fmt: skip
+__all__ = ["Batching", "Running", "ServeConfig", "Service", "build_decoder", "build_service",
+           "make_server", "start"]  # fmt: skip

@@ -20,9 +20,19 @@ def _ints(flag: str, text: str | None) -> tuple[int, ...] | None:
 def _serve(args) -> int:
     from pathlib import Path
 
+    import jax
+
+    from lov_jax import sharding
     from lov_jax.distributed import maybe_initialize
     from lov_jax.inference.commands import load_checkpoint, load_prompter, local_mesh
-    from lov_jax.serve import Batching, ServeConfig, build_service, make_server
+    from lov_jax.serve import (
+        Batching,
+        ServeConfig,
+        build_decoder,
+        build_service,
+        make_server,
+        multihost,
+    )
 
     maybe_initialize()  # a pod: every process joins; process 0 serves HTTP
     cfg, params = load_checkpoint(args.ckpt, args.dtype)
@@ -41,10 +51,16 @@ def _serve(args) -> int:
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
     )  # fmt: skip
     warmup = _ints("warmup-crops", args.warmup_crops) if args.warmup_crops != "" else ()
-    mesh = local_mesh(args.mesh)
-    service = build_service(
-        params, cfg, load_prompter(args), config, batching, mesh=mesh, warmup=warmup
-    )
+    if not multihost.is_pod():
+        decoder = build_decoder(params, cfg, batching, mesh=local_mesh(args.mesh), warmup=warmup)
+    else:  # one model over every process's devices; each process runs the same calls
+        mesh = sharding.mesh_from_flag(args.mesh or "fsdp=-1")
+        decoder = build_decoder(params, cfg, batching, mesh=mesh, warmup=warmup)
+        if jax.process_index() != 0:
+            multihost.follow(decoder)
+            return 0
+        decoder = multihost.PodDecoder(decoder)
+    service = build_service(params, cfg, load_prompter(args), config, batching, decoder=decoder)
     server = make_server(service)
     host, port = server.server_address[:2]
     print(f"lov-jax serve: {config.model_name} at http://{host}:{port}/v1", flush=True)

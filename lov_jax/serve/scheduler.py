@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from lov_jax.inference.engine import PromptInputs
 from lov_jax.inference.slots import Knobs, SlotDecoder
 
+IDLE_S = 5.0  # an idle loop tells the decoder this often (a pod's keep-alive)
+
 
 class QueueFull(RuntimeError):
     """The bounded queue holds `max_queue` waiting jobs already."""
@@ -108,8 +110,10 @@ class Scheduler:
         while True:
             with self._wake:
                 while not self._closed and not self._pending and not self._rows:
-                    self._wake.wait()
+                    if not self._wake.wait(timeout=IDLE_S):
+                        self.decoder.idle()
                 if self._closed:
+                    self.decoder.close()
                     return
                 joining = []
                 free = [r for r in range(self.decoder.slots) if r not in self._rows]

@@ -365,3 +365,30 @@ def test_preset_config_json_round_trip(name):
     assert hf["vision_config"]["num_hidden_layers"] == cfg.vision.num_layers
     assert hf["text_config"]["model_type"] == HUB.get(name, (None, cfg.text.kind))[1]
     assert config.ModelConfig.from_hf_config(hf, token_ids=ids) == cfg
+
+
+def test_clip_config_reader_writer_and_validation():
+    from transformers import CLIPVisionConfig
+
+    read, write = families.vision("clip").from_hf, families.vision("clip").to_hf
+    hf = CLIPVisionConfig(**CLIP_HF).to_dict()
+    v = read(hf)
+    assert (v.kind, v.num_layers, v.image_size, v.num_patches) == ("clip", 4, 70, 25)
+    assert v.image_mean == config.OPENAI_CLIP_MEAN and v.feature_select == "default"
+    assert read(write(v)) == v and write(v)["model_type"] == "clip_vision_model"
+    with pytest.raises(ValueError, match="hidden_act 'relu'"):
+        read({**hf, "hidden_act": "relu"})
+    with pytest.raises(ValueError, match="image_std"):
+        dataclasses.replace(v, image_std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="num_layers 0"):
+        dataclasses.replace(v, num_layers=0)
+
+
+@pytest.mark.parametrize(
+    "arch, ratio",
+    [("llava", "anyres"), ("llava_next", "pad"), ("llava_next", "anyres_max_9"),
+     ("llava_onevision", "anyres"), ("llava_onevision", "anyres_max_0"), ("llava", "crop")],
+)  # fmt: skip
+def test_aspect_ratio_is_validated_per_architecture(arch, ratio):
+    with pytest.raises(ValueError, match=f"vision_aspect_ratio '{ratio}' is not one of {arch}'s"):
+        config.tiny_llava15().replace(architecture=arch, vision_aspect_ratio=ratio)

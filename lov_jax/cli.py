@@ -26,8 +26,12 @@ def _demo(args) -> int:
 
 
 def _check_parity(args) -> int:
+    import json
+    from pathlib import Path
+
     from lov_jax.parity import check_parity
 
+    messages = json.loads(Path(args.messages).read_text()) if args.messages else None
     report = check_parity(
         args.hf,
         question=args.prompt,
@@ -36,6 +40,7 @@ def _check_parity(args) -> int:
         num_frames=args.num_frames,
         atol=args.atol,
         save_logits=args.save_logits,
+        messages=messages,
     )
     print("\n".join(report.lines()))
     return 0 if report.passed else 1
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--num-frames", type=int, default=8)
     parity.add_argument("--atol", type=float, default=1e-4)
     parity.add_argument("--save-logits", default=None, help="write our logits + ids to this .npz")
+    parity.add_argument(
+        "--messages", default=None,
+        help="a JSON file of chat messages (several turns; image parts name files) instead "
+        "of --prompt / --image / --video",
+    )  # fmt: skip
     parity.set_defaults(func=_check_parity)
 
     for module in COMMAND_MODULES:

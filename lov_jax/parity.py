@@ -61,15 +61,41 @@ def _load_images(paths):
     return images
 
 
-def our_inputs(cfg: ModelConfig, prompter, question, images, frames):
+def load_request(question, image_paths, video_path, num_frames, messages=None):
+    """The request both sides render, its media loaded: (question, images, videos), or
+    chat `messages` (several turns; image / video parts name files, as in `generate`)."""
+    if messages is None:
+        videos = [video.read_video(video_path, num_frames)] if video_path else []
+        return (question, _load_images(image_paths), videos)
+    if image_paths or video_path:
+        raise ValueError("give the images and video inside the messages, or as paths: not both")
+    from lov_jax.inference.prompting import load_frames
+
+    def load(part):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image" and isinstance(part.get("image"), (str, Path)):
+            return {**part, "image": _load_images([part["image"]])[0]}
+        if kind == "video" and isinstance(part.get("video"), (str, Path)):
+            return {**part, "video": load_frames(part["video"], num_frames)}
+        return part  # text, or media already loaded (the Prompter checks every part)
+
+    out = []
+    for msg in messages:
+        content = msg.get("content", "")
+        if isinstance(content, list):
+            content = [load(part) for part in content]
+        out.append({**msg, "content": content})
+    return out
+
+
+def our_inputs(cfg: ModelConfig, prompter, request):
     """Token ids int32[T], crops uint8[N, S, S, 3] and visual items, from raw inputs:
     the checkpoint's chat template and tokenizer (lov_jax/inference/prompting.py)."""
-    videos = [] if frames is None else [frames]
-    inputs = prompter.encode(cfg, (question, images, videos))
+    inputs = prompter.encode(cfg, request)
     return inputs.tokens, inputs.crops, inputs.items
 
 
-def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
+def hf_inputs(processor, cfg: ModelConfig, request, frame_crops):
     """HF processor outputs (torch tensors) with the video placeholder expanded by hand.
 
     The prompt is the same request rendered by HF's own `apply_chat_template` (typed
@@ -78,8 +104,7 @@ def hf_inputs(processor, cfg: ModelConfig, question, images, frame_crops):
 
     from lov_jax.inference.prompting import to_messages
 
-    videos = [] if frame_crops is None else [frame_crops]
-    messages, _, _ = to_messages((question, images, videos))
+    messages, images, _ = to_messages(request)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     image_arg = None
     if len(images) == 1:
@@ -115,7 +140,10 @@ def check_parity(
     num_frames: int = 8,
     atol: float = 1e-4,
     save_logits: str | None = None,
+    messages: list[dict] | None = None,
 ) -> ParityReport:
+    """HF vs ours on one request: `question` with `image_paths` / `video_path`, or chat
+    `messages` (several turns; their image / video parts name files)."""
     import torch
 
     from data_pipelines.hf_processor import load_hf_processor
@@ -132,17 +160,16 @@ def check_parity(
             "load: convert it (lov-jax convert hf-to-orbax, then orbax-to-hf) and compare that"
         )
     cfg, params = load_hf_checkpoint(hf_dir, dtype="float32")
-    images = _load_images(image_paths)
-    frames = video.read_video(video_path, num_frames) if video_path else None
+    request = load_request(question, image_paths, video_path, num_frames, messages)
 
     prompter = Prompter.from_checkpoint(hf_dir)
-    tokens, crops, items = our_inputs(cfg, prompter, question, images, frames)
+    tokens, crops, items = our_inputs(cfg, prompter, request)
     video_at = next((k for k, it in enumerate(items) if it.kind == "video"), None)
     frame_crops = None
     if video_at is not None:  # the video's crops: after those of the items before it
         start = sum(visual_layout.num_crops(it, cfg) for it in items[:video_at])
-        frame_crops = crops[start : start + len(frames)]
-    inputs = hf_inputs(load_hf_processor(hf_dir), cfg, question, images, frame_crops)
+        frame_crops = crops[start : start + items[video_at].num_frames]
+    inputs = hf_inputs(load_hf_processor(hf_dir), cfg, request, frame_crops)
 
     hf_ids = inputs["input_ids"][0].numpy()
     tokens_equal = hf_ids.shape == tokens.shape and bool(np.all(hf_ids == tokens))

@@ -420,6 +420,60 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
+# An original export keeps its tower in this subdirectory (a CLIPVisionModel /
+# SiglipVisionModel checkpoint), which `mm_vision_tower` names, as released original
+# checkpoints name the hub tower. The original code resolves the name against its working
+# directory: run it from the checkpoint's directory, or make the path absolute.
+ORIGINAL_TOWER_DIR = "vision_tower"
+
+
+def to_original_config(cfg: ModelConfig) -> dict:
+    """The original (haotian-liu / LLaVA-VL) config.json of `cfg`: the LLM's flat config
+    plus the mm_* keys `from_hf_config` reads back; the tower config is `tower_to_hf(cfg)`,
+    written to ORIGINAL_TOWER_DIR."""
+    from lov_jax.models import families
+
+    llm = {v: k for k, v in _ORIGINAL_LLMS.items() if "For" in k}[cfg.text.kind]
+    mtype = {v: k for k, v in _ORIGINAL_LLMS.items() if "For" not in k}[cfg.text.kind]
+    ids = cfg.ids
+    parts = families.config_parts_to_hf(cfg.vision, cfg.text, cfg.projector)
+    out = {
+        **parts["text_config"],
+        "architectures": [llm],
+        "model_type": mtype,
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.eos[0] if len(ids.eos) == 1 else list(ids.eos),
+        "pad_token_id": ids.pad,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        "mm_vision_tower": ORIGINAL_TOWER_DIR,
+        "mm_hidden_size": cfg.vision.hidden_size,
+        "mm_projector_type": cfg.projector,
+        "mm_vision_select_layer": -1,  # the tower dir holds only the kept layers
+        "mm_vision_select_feature": {v: k for k, v in _SELECT_FEATURES.items()}[
+            cfg.vision.feature_select
+        ],
+        "mm_patch_merge_type": "spatial_unpad" if cfg.has_image_newline else "flat",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "use_mm_proj": True,
+        "image_aspect_ratio": {"center_crop": "square"}.get(
+            cfg.vision_aspect_ratio, cfg.vision_aspect_ratio
+        ),
+    }
+    if cfg.architecture != "llava":  # the original's pairs are (w, h)
+        out["image_grid_pinpoints"] = [[w, h] for h, w in cfg.image_grid_pinpoints]
+    if cfg.architecture == "llava_onevision":
+        out.update({k: v for k, v in _ORIGINAL_FIXED.items() if k.startswith("mm_")})
+    return out
+
+
+def tower_to_hf(cfg: ModelConfig) -> dict:
+    """config.json of the tower alone (CLIPVisionModel / SiglipVisionModel), kept layers."""
+    from lov_jax.models import families
+
+    return families.vision(cfg.vision.kind).to_hf(cfg.vision)
+
+
 def tower_layers(hf: dict, checkpoint_dir: str | Path | None = None) -> int:
     """How many layers the checkpoint's vision tower has (its config, not ours: the
     layers after the feature layer are stored but never run)."""

@@ -7,6 +7,7 @@ import sys
 from lov_jax.sharding import MESH_HELP
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_LAYOUTS = ("hf", "hf_legacy", "original")  # export.LAYOUTS_OUT (imported lazily there)
 
 
 def _report(convert, *args, **kwargs) -> int:
@@ -37,7 +38,7 @@ def _orbax_to_hf(args) -> int:
     return _report(
         orbax_to_hf, args.ckpt, args.out, step=args.step, dtype=args.dtype,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, assets=args.assets,
-        progress=not args.no_progress,
+        layout=args.layout, progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -45,8 +46,11 @@ def add_commands(subparsers) -> None:
     convert = subparsers.add_parser("convert", help="HF safetensors <-> Orbax checkpoints")
     sub = convert.add_subparsers(dest="convert_command", required=True)
 
-    a = sub.add_parser("hf-to-orbax", help="HF LLaVA-OneVision dir -> Orbax checkpoint")
-    a.add_argument("--hf", required=True, help="HF dir (llava-hf, transformers 5, or lmms-lab)")
+    a = sub.add_parser("hf-to-orbax", help="HF LLaVA / NeXT / OneVision dir -> Orbax checkpoint")
+    a.add_argument(
+        "--hf", required=True,
+        help="HF dir: llava-hf, transformers 5, or an original haotian-liu / lmms-lab one",
+    )  # fmt: skip
     a.add_argument("--out", required=True, help="new Orbax checkpoint directory")
     a.add_argument("--dtype", choices=_DTYPES, default=None, help="cast (default: keep)")
     a.add_argument("--mesh", default=None, help=f"{MESH_HELP}; params placed and saved sharded")
@@ -61,6 +65,11 @@ def add_commands(subparsers) -> None:
     b.add_argument("--dtype", choices=_DTYPES, default=None, help="cast (default: as stored)")
     b.add_argument("--max-shard-size", default="5GB", help='e.g. "5GB", "500MB", "2GiB"')
     b.add_argument("--assets", default=None, help="take tokenizer/processor files from here")
+    b.add_argument(
+        "--layout", choices=_LAYOUTS, default="hf",
+        help="hf: what transformers 5 writes; hf_legacy: llava-hf hub names; original: a "
+        "haotian-liu / LLaVA-VL checkpoint (flat config.json, tower in vision_tower/)",
+    )  # fmt: skip
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_orbax_to_hf)

@@ -2,8 +2,10 @@
 
 Writes safetensors shards (+ `model.safetensors.index.json` when more than one) with
 the key layout the installed transformers' `save_pretrained` writes
-(`params_to_hf(layout="hf")`), `config.json`, `generation_config.json` and the
-tokenizer / processor / chat-template files. A tied model gets no lm_head tensor.
+(`params_to_hf(layout="hf")`; or the llava-hf hub's, or the original LLaVA one),
+`config.json` (`ModelConfig.to_hf_config`, whose class loads it: Llava / LlavaNext /
+LlavaOnevision), `generation_config.json` and the tokenizer / processor / chat-template
+files. A tied model gets no lm_head tensor.
 
 Memory: the shard headers are computed from the stored shapes up front, then each
 param leaf is restored alone (Orbax partial restore) and its HF tensors are
@@ -20,12 +22,20 @@ from typing import Any
 
 import numpy as np
 
+from lov_jax import architectures
 from lov_jax.config import ModelConfig
 from lov_jax.convert import io_utils, orbax_io
 from lov_jax.convert.hf_keys import CheckpointError, hf_entries, unused_fill
-from lov_jax.convert.safetensors_io import _NAMES, INDEX_NAME, SINGLE_NAME, _parse_size
+from lov_jax.convert.safetensors_io import (
+    _NAMES,
+    INDEX_NAME,
+    ORIGINAL_TOWER_PREFIX,
+    SINGLE_NAME,
+    _parse_size,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
+LAYOUTS_OUT = ("hf", "hf_legacy", "original")
 
 
 class ShardWriter:
@@ -109,9 +119,23 @@ def hf_config_json(cfg: ModelConfig, dtype: np.dtype) -> dict:
     return {**cfg.to_hf_config(), "dtype": str(np.dtype(dtype))}
 
 
-def write_hf_metadata(out: Path, cfg: ModelConfig, dtype: np.dtype, assets: Path | None) -> None:
-    """config.json, the asset files, and a llava-hf generation_config.json unless copied."""
-    (out / "config.json").write_text(json.dumps(hf_config_json(cfg, dtype), indent=2) + "\n")
+def write_hf_metadata(
+    out: Path, cfg: ModelConfig, dtype: np.dtype, assets: Path | None, layout: str = "hf"
+) -> None:
+    """config.json, the asset files, and a llava-hf generation_config.json unless copied.
+
+    The "original" layout gets the original's flat config.json and its tower's own
+    config.json in ORIGINAL_TOWER_DIR."""
+    if layout == "original":
+        dt = {"torch_dtype": str(np.dtype(dtype))}
+        tower = out / architectures.ORIGINAL_TOWER_DIR
+        tower.mkdir(exist_ok=True)
+        text = json.dumps({**architectures.tower_to_hf(cfg), **dt}, indent=2) + "\n"
+        (tower / "config.json").write_text(text)
+        config = {**architectures.to_original_config(cfg), **dt}
+    else:
+        config = hf_config_json(cfg, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copied = io_utils.copy_assets(assets, out)
     if "generation_config.json" not in copied:
         text = json.dumps(generation_config(cfg), indent=2) + "\n"
@@ -135,10 +159,15 @@ def orbax_to_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     assets: str | Path | None = None,
+    layout: str = "hf",
     progress: bool = True,
 ) -> io_utils.RunStats:
     """Export an Orbax checkpoint (converted, or a training run's latest / `step`) to HF.
 
+    `layout` (LAYOUTS_OUT): "hf" what the installed transformers writes, "hf_legacy" the
+    llava-hf hub names, "original" a haotian-liu / LLaVA-VL checkpoint (flat config.json,
+    `model.*` names, the tower as its own model in ORIGINAL_TOWER_DIR, as released
+    original checkpoints take theirs from `mm_vision_tower`).
     `dtype` casts the tensors (default: the stored dtype; training stores fp32).
     `assets`: a directory to take tokenizer/processor files from instead of the
     checkpoint's own `assets/`. Raises one CheckpointError listing every problem
@@ -149,6 +178,8 @@ def orbax_to_hf(
     problems = io_utils.output_problems(out, overwrite, [ckpt])
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"--dtype {dtype!r} not in {DTYPES}")
+    if layout not in LAYOUTS_OUT:
+        problems.append(f"--layout {layout!r} not in {LAYOUTS_OUT}")
     try:
         _parse_size(max_shard_size)
     except ValueError as e:
@@ -166,7 +197,7 @@ def orbax_to_hf(
     io_utils.raise_if(problems, f"cannot export {ckpt}")
     assets = Path(assets) if assets is not None else orbax_io.find_assets(step_dir)
 
-    entries = list(hf_entries(cfg, "hf"))
+    entries = list(hf_entries(cfg, layout))
     out_dtype = {p: np.dtype(dtype or dt) for p, (_, dt) in meta.items()}
     plan = [
         (
@@ -176,11 +207,11 @@ def orbax_to_hf(
         )
         for name, path, layer, tf in entries
     ]
-    fill = unused_fill(cfg, "hf", next(iter(out_dtype.values())))
+    fill = unused_fill(cfg, layout, next(iter(out_dtype.values())))
     plan += [(name, x.dtype, x.shape) for name, x in fill.items()]
     with io_utils.atomic_output(out, overwrite) as tmp:
         tmp.mkdir()
-        writer = ShardWriter(tmp, plan, max_shard_size)
+        writer = _Writers(tmp, plan, max_shard_size, layout)
         try:
             with io_utils.progress(len(entries), "orbax-to-hf", progress) as bar:
                 for path, group in itertools.groupby(entries, key=lambda e: e[1]):
@@ -200,5 +231,40 @@ def orbax_to_hf(
             writer.close_file()
         writer.write_index()
         dtypes = set(out_dtype.values())
-        write_hf_metadata(tmp, cfg, dtypes.pop() if len(dtypes) == 1 else np.float32, assets)
+        dt = dtypes.pop() if len(dtypes) == 1 else np.float32
+        write_hf_metadata(tmp, cfg, dt, assets, layout)
     return stats.finish()
+
+
+class _Writers:
+    """One ShardWriter per output dir: the "original" layout's tower tensors go to
+    ORIGINAL_TOWER_DIR under the tower model's own names (`vision_model.*`)."""
+
+    def __init__(self, out: Path, plan, max_shard_size, layout: str):
+        self._tower = layout == "original"
+        plans: dict[str, list] = {"main": [], "tower": []}
+        for name, dt, shape in plan:
+            where, local = self._route(name)
+            plans[where].append((local, dt, shape))
+        self.writers = {"main": ShardWriter(out, plans["main"], max_shard_size)}
+        if plans["tower"]:
+            sub = out / architectures.ORIGINAL_TOWER_DIR
+            sub.mkdir()
+            self.writers["tower"] = ShardWriter(sub, plans["tower"], max_shard_size)
+
+    def _route(self, name: str) -> tuple[str, str]:
+        if self._tower and name.startswith(ORIGINAL_TOWER_PREFIX):
+            return "tower", name[len(ORIGINAL_TOWER_PREFIX) :]
+        return "main", name
+
+    def write(self, name: str, x: np.ndarray) -> None:
+        where, local = self._route(name)
+        self.writers[where].write(local, x)
+
+    def close_file(self) -> None:
+        for w in self.writers.values():
+            w.close_file()
+
+    def write_index(self) -> None:
+        for w in self.writers.values():
+            w.write_index()

@@ -253,7 +253,7 @@ def write_safetensors(
 
 # Where an original LLaVA checkpoint's tower tensors are named when they come from the
 # `mm_vision_tower` dir (a CLIPVisionModel's `vision_model.*` / `embeddings.*` names).
-_ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."
+ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."
 
 
 def read_hf_dir(
@@ -281,7 +281,7 @@ def read_hf_dir(
             has_tower = any((canonical_name(k) or "").startswith("vision.") for k in tensors)
             if tower_dir is not None and not has_tower:
                 tower = read_safetensors(tower_dir, keep_pages=keep_pages)
-                tensors = tensors.merged(tower, _ORIGINAL_TOWER_PREFIX)
+                tensors = tensors.merged(tower, ORIGINAL_TOWER_PREFIX)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     return hf_cfg, tensors, depth

@@ -380,3 +380,38 @@ def test_every_problem_in_one_error(ckpts):
         "layer 3 out of range",
     ):
         assert part in msg, (part, msg)
+
+
+def test_orbax_round_trip_through_the_commands(ckpts, tmp_path):
+    """lov-jax convert hf-to-orbax, then orbax-to-hf in each layout (fp32, so bit-exact)."""
+    from transformers import CLIPVisionModel
+
+    from lov_jax import cli
+
+    src = ckpts["next_mistral"]
+    cfg, want = load_hf_checkpoint(src)
+    orbax = tmp_path / "orbax"
+    assert cli.main(["convert", "hf-to-orbax", "--hf", str(src), "--out", str(orbax),
+                     "--no-progress"]) == 0  # fmt: skip
+    for layout in ("hf", "original"):
+        out = tmp_path / layout
+        argv = ["convert", "orbax-to-hf", "--ckpt", str(orbax), "--out", str(out),
+                "--layout", layout, "--no-progress"]  # fmt: skip
+        assert cli.main(argv) == 0
+        got_cfg, got = load_hf_checkpoint(out)
+        _assert_trees_equal(got, want)
+        assert got_cfg == cfg
+    model, info = architectures.hf_class(cfg.architecture).from_pretrained(
+        tmp_path / "hf", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    np.testing.assert_array_equal(_logits(model.eval(), cfg), _logits(_hf_model(src), cfg))
+    # the original export: a flat config.json and the tower as its own CLIPVisionModel
+    flat = json.loads((tmp_path / "original" / "config.json").read_text())
+    assert flat["model_type"] == "llava_mistral" and flat["mm_vision_tower"] == "vision_tower"
+    assert not any("vision_tower" in k for k in read_safetensors(tmp_path / "original"))
+    tower, info = CLIPVisionModel.from_pretrained(
+        tmp_path / "original" / "vision_tower", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert tower.config.num_hidden_layers == cfg.vision.num_layers

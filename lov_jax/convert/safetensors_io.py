@@ -195,6 +195,13 @@ def read_safetensors(path: str | os.PathLike, *, keep_pages: bool = True) -> Saf
         return SafetensorsCheckpoint({k: opened[s] for k, s in weight_map.items()})
     if (path / SINGLE_NAME).is_file():
         return read_safetensors(path / SINGLE_NAME, keep_pages=keep_pages)
+    pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickles:  # e.g. the released liuhaotian LLaVA-1.5 checkpoints
+        raise CheckpointError(
+            f"{path}: no {SINGLE_NAME} or {INDEX_NAME}, only PyTorch pickles {pickles}: "
+            "re-save them as safetensors (safetensors.torch.save_file per shard, or "
+            "transformers' save_pretrained) first; pickles are never loaded here"
+        )
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
 
 
@@ -279,7 +286,14 @@ def read_hf_dir(
         if architectures.is_original(hf_cfg):
             _, tower_dir = architectures.tower_config(hf_cfg["mm_vision_tower"], hf_dir, str(path))
             has_tower = any((canonical_name(k) or "").startswith("vision.") for k in tensors)
-            if tower_dir is not None and not has_tower:
+            if not has_tower and tower_dir is None:
+                raise CheckpointError(
+                    f"{path}: the checkpoint holds no vision tower weights and mm_vision_tower "
+                    f"{hf_cfg['mm_vision_tower']!r} is no local directory (the original code "
+                    "downloads it): save that tower there (CLIPVisionModel.save_pretrained) "
+                    "and set mm_vision_tower to its path"
+                )
+            if not has_tower:
                 tower = read_safetensors(tower_dir, keep_pages=keep_pages)
                 tensors = tensors.merged(tower, ORIGINAL_TOWER_PREFIX)
     except ValueError as e:

@@ -356,6 +356,14 @@ def test_original_layout_both_ways(ckpts, tmp_path, name):
     got_cfg, got_p = load_hf_checkpoint(d)
     _assert_trees_equal(got_p, p)
     assert got_cfg.replace(vision_aspect_ratio=cfg.vision_aspect_ratio) == cfg
+    # a hub tower name (not downloadable here) with no tower weights: one clear error
+    hub = {**config, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+    (d / "config.json").write_text(json.dumps(hub))
+    with pytest.raises(CheckpointError, match="no vision tower weights.*is no local dir"):
+        load_hf_checkpoint(d)
+    (d / "model.safetensors").rename(d / "pytorch_model-00001-of-00001.bin")
+    with pytest.raises(CheckpointError, match="only PyTorch pickles"):
+        load_hf_checkpoint(d)
 
 
 def test_every_problem_in_one_error(ckpts):

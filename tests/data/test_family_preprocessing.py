@@ -228,13 +228,13 @@ def test_next_gather_equals_hf_pack_image_features(cfg):
     hf = torch.cat(out).double().numpy()
     assert lens.tolist() == [num_tokens(it, cfg) for it in items]
 
-    slots = sum(crops) + 3  # spare slots: the bank's newline / zero rows move with N
-    bank = np.concatenate([feats.reshape(-1, width), newline[None], np.zeros((1, width))])
+    # The row has 3 spare (zero) crop slots: the newline / zero rows move with N.
+    slots = sum(crops) + 3
+    bank = np.zeros((slots * f + 2, width))  # lov_jax.batch bank rows
+    bank[: sum(crops) * f] = feats.reshape(-1, width)
+    bank[slots * f] = newline
     idx, w = row_layout(items, cfg, slots)
-    bank_full = np.zeros((slots * f + 2, width))
-    bank_full[: sum(crops) * f] = bank[: sum(crops) * f]
-    bank_full[slots * f] = newline
-    ours = np.einsum("tk,tkc->tc", w.astype(np.float64), bank_full[idx])
+    ours = np.einsum("tk,tkc->tc", w.astype(np.float64), bank[idx])
     np.testing.assert_allclose(ours, hf, rtol=0, atol=1e-12)
 
 

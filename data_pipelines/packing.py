@@ -115,9 +115,13 @@ def write_row(
     pack: PackConfig,
     cfg: ModelConfig,
 ) -> tuple[int, int]:
-    """Place `samples` (in order) into row b of an `empty_rows` batch. Returns (tokens, crops)."""
+    """Place `samples` (in order) into row b of an `empty_rows` batch. Returns (tokens, crops).
+
+    A sample with `parts` takes one segment id per part (positions restart per part); its
+    `extras` go to `out[key]` (float32[B, L], created as zeros when first written)."""
     t0 = c0 = 0
-    for k, s in enumerate(samples, start=1):
+    k = 0  # segment id of the last placed (sub-)segment
+    for s in samples:
         t, c = s.num_tokens, s.num_crops
         if t0 + t > pack.max_tokens or c0 + c > pack.max_crops:
             raise ValueError(f"samples overflow the row budgets at sample {s.id}")
@@ -125,8 +129,16 @@ def write_row(
         out["tokens"][b, sl] = s.tokens
         out["targets"][b, sl] = s.targets
         out["loss_mask"][b, sl] = s.loss_mask
-        out["segment_ids"][b, sl] = k
-        out["positions"][b, sl] = np.arange(t, dtype=np.int32)
+        start = t0
+        for part in s.parts or (t,):
+            k += 1
+            out["segment_ids"][b, start : start + part] = k
+            out["positions"][b, start : start + part] = np.arange(part, dtype=np.int32)
+            start += part
+        for key, values in s.extras.items():
+            if key not in out:
+                out[key] = np.zeros(out["tokens"].shape, np.float32)
+            out[key][b, sl] = values
         if c:
             out["pixels"][b, c0 : c0 + c] = s.crops
         idx, w = place_taps(s.tokens, s.items, cfg, pack.max_crops, crop_offset=c0)

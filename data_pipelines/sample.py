@@ -24,6 +24,10 @@ class Sample:
     loss_mask: float32[T]  1 where targets[t] is trained
     crops:     uint8[n, S, S, 3]  crops/frames of all visual items, in item order
     items:     visual items, in placeholder order (their crops are consecutive in `crops`)
+    parts:     token lengths of consecutive sub-segments packed as separate segments of
+               one row (a DPO pair: chosen, rejected; lov_jax/post/dpo.py); () = one segment
+    extras:    {batch key: float32[T]} per-token values the packer writes into the row
+               under that key (zeros elsewhere), e.g. precomputed reference log-probs
     """
 
     id: str
@@ -33,11 +37,17 @@ class Sample:
     crops: np.ndarray
     items: list[VisualItem]
     source: str = ""
+    parts: tuple[int, ...] = ()
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.tokens)
         if len(self.targets) != n or len(self.loss_mask) != n:
             raise ValueError(f"sample {self.id}: tokens/targets/loss_mask lengths differ")
+        if self.parts and (sum(self.parts) != n or min(self.parts) < 1):
+            raise ValueError(f"sample {self.id}: parts {self.parts} do not split {n} tokens")
+        if any(len(v) != n for v in self.extras.values()):
+            raise ValueError(f"sample {self.id}: extras lengths differ from tokens ({n})")
 
     @property
     def num_tokens(self) -> int:

@@ -126,6 +126,10 @@ def architecture_of(hf: dict, source: str = "config.json") -> str:
     if is_original(hf):
         return _original_architecture(hf, source)
     model_type = hf.get("model_type")
+    classes = hf.get("architectures") or []
+    named = [a for a, (_, cls) in HF_NAMES.items() if cls in classes]
+    if named:  # the class wins: some early llava-hf NeXT copies say model_type "llava"
+        return named[0]
     hits = [a for a, (mt, _) in HF_NAMES.items() if mt == model_type]
     if not hits:
         known = sorted(mt for mt, _ in HF_NAMES.values())

@@ -1,7 +1,9 @@
 """`load_pretrained(path)`: (ModelConfig, params) from an HF directory or an Orbax checkpoint.
 
 Every command that takes a checkpoint goes through here, so each accepts both: an
-HF dir (config.json + safetensors, any layout of docs/reference.md 9) or anything
+HF dir (config.json + safetensors, any layout of docs/reference.md 9: llava-hf,
+transformers 5 or an original haotian-liu / LLaVA-VL one; the model class, LLaVA-1.5,
+NeXT or OneVision, is config.json's, lov_jax/architectures.py) or anything
 `orbax_io.resolve_checkpoint` accepts (a converted checkpoint, a training
 CheckpointManager root, or its workdir).
 """

@@ -85,6 +85,8 @@ def test_transformers_configs_round_trip(arch, kind, extra):
     assert out["model_type"] == arch
     assert out["vision_feature_layer"] == -1 and out["vision_config"]["num_hidden_layers"] == 2
     assert architectures.from_hf_config(out, token_ids=IDS) == cfg
+    early = {**out, "model_type": "llava"}  # early llava-hf NeXT copies: the class decides
+    assert architectures.from_hf_config(early, token_ids=IDS) == cfg
     back = type(hf_cfg)(**json.loads(json.dumps(out)))  # what from_pretrained builds
     assert back.vision_config.num_hidden_layers == 2 and back.vision_feature_layer == -1
     assert back.image_token_index == IDS.image

@@ -73,11 +73,13 @@ def load_request(question, image_paths, video_path, num_frames, messages=None):
 
     def load(part):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image" and isinstance(part.get("image"), (str, Path)):
-            return {**part, "image": _load_images([part["image"]])[0]}
-        if kind == "video" and isinstance(part.get("video"), (str, Path)):
-            return {**part, "video": load_frames(part["video"], num_frames)}
-        return part  # text, or media already loaded (the Prompter checks every part)
+        if kind not in ("image", "video"):
+            return part  # text, or not a part at all (the Prompter names the problem)
+        ref = next((part[k] for k in (kind, "path", "url") if part.get(k) is not None), None)
+        if not isinstance(ref, (str, Path)):
+            return part  # already loaded
+        loaded = _load_images([ref])[0] if kind == "image" else load_frames(ref, num_frames)
+        return {**part, kind: loaded}
 
     out = []
     for msg in messages:

@@ -11,6 +11,11 @@ names.
 
 Canonical scheme: `vision.<tower name without vision_model.>`, `projector.<name>`,
 `image_newline`, `text.<decoder model name>`, `lm_head.weight`.
+
+LLaVA-1.5 / NeXT (CLIP towers): a checkpoint's tower layers after the feature layer
+(`tower_layers`, lov_jax/architectures.py) and its pooler-only norms (`unused_names`) are
+skipped on import; an export writes those norms as the identity (`unused_fill`), so the
+HF class finds every tensor it builds.
 """
 
 from __future__ import annotations

@@ -310,7 +310,7 @@ def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint, hf_dir: Path) 
     model is tied iff the checkpoint has no lm_head tensor.
     """
     from lov_jax import architectures
-    from lov_jax.token_ids import read_token_ids
+    from lov_jax.token_ids import TokenIdError, read_token_ids
 
     cfg = architectures.from_hf_config(hf_cfg, checkpoint_dir=hf_dir)
     head_name, embed_name = llm_canonical_names(cfg)
@@ -323,9 +323,19 @@ def hf_model_config(hf_cfg: dict, tensors: SafetensorsCheckpoint, hf_dir: Path) 
     if "tie_word_embeddings" not in flags:
         text_over["tie_word_embeddings"] = head_name not in canon
     text = dataclasses.replace(cfg.text, **text_over)
-    ids = read_token_ids(
-        hf_dir, hf_cfg, load_checkpoint_tokenizer(hf_dir), vocab_size=text.vocab_size
-    )
+    try:
+        ids = read_token_ids(
+            hf_dir, hf_cfg, load_checkpoint_tokenizer(hf_dir), vocab_size=text.vocab_size
+        )
+    except TokenIdError as e:
+        if not architectures.is_original(hf_cfg) or "image" not in str(e):
+            raise
+        raise TokenIdError(
+            f"{e}. Original LLaVA code marks images with the out-of-vocabulary id -200 "
+            "(IMAGE_TOKEN_INDEX) and its tokenizer has no '<image>': add an '<image>' token "
+            "to tokenizer.json with an id inside the embedding table (llava-hf's converter "
+            "appends it and pads the table)"
+        ) from e
     return cfg.replace(text=text, token_ids=ids)
 
 

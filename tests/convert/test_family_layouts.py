@@ -358,6 +358,11 @@ def test_original_layout_both_ways(ckpts, tmp_path, name):
     got_cfg, got_p = load_hf_checkpoint(d)
     _assert_trees_equal(got_p, p)
     assert got_cfg.replace(vision_aspect_ratio=cfg.vision_aspect_ratio) == cfg
+    # without a tokenizer holding '<image>' (as original ones are) the image id is unknown
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no image_token_index.*IMAGE_TOKEN_INDEX"):
+        load_hf_checkpoint(d)
     # a hub tower name (not downloadable here) with no tower weights: one clear error
     hub = {**config, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
     (d / "config.json").write_text(json.dumps(hub))

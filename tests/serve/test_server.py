@@ -308,3 +308,113 @@ def test_cli_serve(ckpt, tmp_path):
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+class Chromium:
+    """Headless chromium over the DevTools protocol on a pipe (fds 3 / 4, NUL-framed
+    JSON): no websocket client needed."""
+
+    def __init__(self, binary: str, profile):
+        import os
+        import subprocess
+
+        r_in, self._w = os.pipe()  # we write commands, chromium reads fd 3
+        self._r, w_out = os.pipe()  # chromium writes fd 4, we read
+
+        def fds():
+            os.dup2(r_in, 3)
+            os.dup2(w_out, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=900,700",
+             "about:blank"],
+            preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(r_in)
+        os.close(w_out)
+        self._buf, self._id, self.session = b"", 0, None
+
+    def send(self, method: str, **params):
+        import os
+
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            msg["sessionId"] = self.session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._r, 1 << 20)
+                assert chunk, "chromium closed the pipe"
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, (method, reply["error"])
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str):
+        out = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                        awaitPromise=True)  # fmt: skip
+        return out["result"].get("value")
+
+    def close(self):
+        import os
+
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
+
+
+def test_chat_page_in_a_browser(server, client, tmp_path):
+    """Upload an image, ask, watch the streamed answer: equal to the API's answer."""
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("no chromium installed (apt-get install -y chromium)")
+    image = tmp_path / "shape.png"
+    image.write_bytes(_png(40, 56, 1))
+    question = "What is it?"
+    want = client.chat.completions.create(model=MODEL, max_tokens=24, messages=[{
+        "role": "user", "content": [{"type": "text", "text": question},
+                                    {"type": "image_url", "image_url": {"url": _uri(
+                                        image.read_bytes())}}]}])  # fmt: skip
+    browser = Chromium(binary, tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+        browser.session = browser.send("Target.attachToTarget", targetId=target,
+                                       flatten=True)["sessionId"]  # fmt: skip
+        host, port = server.http.server_address[:2]
+        browser.send("Page.navigate", url=f"http://{host}:{port}/")
+        deadline = time.monotonic() + 60
+        while browser.evaluate("document.getElementById('model-name')?.textContent") != MODEL:
+            assert time.monotonic() < deadline, "the page did not load its model name"
+            time.sleep(0.2)
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", nodeId=root, selector="#images")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(image)], nodeId=node)
+        browser.evaluate("document.getElementById('max-tokens').value = '24';"
+                         f"document.getElementById('prompt').value = {json.dumps(question)};"
+                         "document.getElementById('form').requestSubmit(); true")  # fmt: skip
+        state = "document.querySelector('.turn.assistant, .turn.error')?.dataset.state"
+        deadline = time.monotonic() + 240
+        while browser.evaluate(state) not in ("done", "error"):
+            assert time.monotonic() < deadline, "no answer streamed in"
+            time.sleep(0.2)
+        got = browser.evaluate(
+            "(() => { const d = document.querySelector('.turn.assistant, .turn.error');"
+            " return {...d.dataset, text: d.textContent}; })()"
+        )
+        shot = browser.send("Page.captureScreenshot", format="png")["data"]
+        (tmp_path / "chat_page.png").write_bytes(base64.b64decode(shot))
+    finally:
+        browser.close()
+    assert got["state"] == "done", got
+    assert got["answer"] == want.choices[0].message.content
+    assert got["finish"] == want.choices[0].finish_reason
+    assert int(got["chunks"]) > 1  # it streamed, delta by delta
+    print(f"screenshot: {tmp_path / 'chat_page.png'}")

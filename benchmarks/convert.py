@@ -1,6 +1,6 @@
 """Conversion speed and memory on a random-weight checkpoint with real OV shapes.
 
-    python benchmarks/convert.py [--preset ov_0_5b|ov_7b] [--dtype float16|bfloat16]
+    python benchmarks/convert.py [--preset ov_0_5b|ov_7b|llava15_7b|...] [--dtype float16|bfloat16]
                                  [--workdir DIR] [--keep]
 
 Builds an HF checkpoint (llava-hf hub key layout, `--dtype`, 5 GB shards, config.json
@@ -8,7 +8,8 @@ from `ModelConfig.to_hf_config`) by streaming random tensors to disk, then runs,
 in a fresh subprocess so that peak RSS (`wait4` ru_maxrss) is per run:
   hf-to-orbax   `lov-jax convert hf-to-orbax` (dtype kept)
   orbax-to-hf   `lov-jax convert orbax-to-hf` from that Orbax checkpoint
-  hf load+save  `LlavaOnevisionForConditionalGeneration.from_pretrained(dir, dtype=...)`
+  hf load+save  `<the preset's HF class>.from_pretrained(dir, dtype=...)` (Llava /
+                LlavaNext / LlavaOnevision ...ForConditionalGeneration)
                 + `save_pretrained` (the transformers baseline on the same files)
 Wall time includes interpreter start and imports for every row. The input was
 just written, so reads come from the page cache in every row alike. Dirty pages
@@ -21,6 +22,7 @@ make its output durable (our writers fsync through Orbax/TensorStore and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -32,35 +34,49 @@ from pathlib import Path
 
 import numpy as np
 
-from lov_jax.config import preset
+from lov_jax.architectures import hf_class_name
+from lov_jax.config import PRESETS, preset
 from lov_jax.convert.export import ShardWriter
-from lov_jax.convert.hf_keys import hf_entries, target_shapes
+from lov_jax.convert.hf_keys import hf_entries, target_shapes, unused_fill
 from lov_jax.convert.safetensors_io import read_safetensors
+from lov_jax.token_ids import TokenIds
 
 _HF_BASELINE = """
-import sys, torch
-from transformers import LlavaOnevisionForConditionalGeneration
+import sys, torch, transformers
 dtype = getattr(torch, sys.argv[3])
-m = LlavaOnevisionForConditionalGeneration.from_pretrained(sys.argv[1], dtype=dtype)
+m = getattr(transformers, sys.argv[4]).from_pretrained(sys.argv[1], dtype=dtype)
 m.save_pretrained(sys.argv[2])
 """
+# Random weights need ids only inside the table (config.json carries them; no tokenizer).
+_IDS = TokenIds(pad=0, eos=(1,), image=2, video=3)
+_PRESETS = sorted(p for p in PRESETS if not p.startswith(("tiny", "demo")))
+
+
+def _cfg(preset_name: str):
+    cfg = preset(preset_name)
+    video = _IDS.video if cfg.architecture == "llava_onevision" else None
+    return cfg.replace(token_ids=dataclasses.replace(_IDS, video=video))
 
 
 def build_checkpoint(out: Path, preset_name: str, dtype: str, seed: int = 0) -> int:
     """Random HF checkpoint with the preset's exact shapes; returns its tensor bytes."""
-    cfg = preset(preset_name)
+    cfg = _cfg(preset_name)
     flat = target_shapes(cfg)
     np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype("bfloat16")
     plan = []
     for name, path, layer, tf in hf_entries(cfg, "hf_legacy"):
         full = flat[path]
         plan.append((name, np_dtype, tf.hf_shape(full[1:] if layer is not None else full)))
+    fill = unused_fill(cfg, "hf_legacy", np_dtype)  # CLIP's pooler norm, as exports write it
+    plan += [(name, x.dtype, x.shape) for name, x in fill.items()]
     out.mkdir(parents=True)
     writer = ShardWriter(out, plan, "5GB")
     rng = np.random.default_rng(seed)
     total = 0
     for name, dt, shape in plan:
-        x = (rng.standard_normal(shape, np.float32) * 0.02).astype(dt)
+        x = fill.get(name)
+        if x is None:
+            x = (rng.standard_normal(shape, np.float32) * 0.02).astype(dt)
         writer.write(name, x)
         total += x.nbytes
     writer.close_file()
@@ -92,7 +108,7 @@ def run(cmd: list[str]) -> tuple[float, float, int, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--preset", default="ov_0_5b", choices=["ov_0_5b", "ov_7b"])
+    ap.add_argument("--preset", default="ov_0_5b", choices=_PRESETS + ["tiny_llava_next"])
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--workdir", default=None, help="default: a temp dir under /tmp")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
@@ -125,8 +141,9 @@ def main() -> None:
         rows.append(("orbax-to-hf", wall, syn, rss, out.strip()))
         if not args.skip_hf:
             torch_dtype = {"float16": "float16", "bfloat16": "bfloat16"}[args.dtype]
+            hf_class = hf_class_name(_cfg(args.preset).architecture)
             wall, syn, rss, _ = run([sys.executable, "-c", _HF_BASELINE, str(src), str(hf_out),
-                                     torch_dtype])  # fmt: skip
+                                     torch_dtype, hf_class])  # fmt: skip
             rows.append(("hf load+save", wall, syn, rss, ""))
 
         gb = size / 1e9

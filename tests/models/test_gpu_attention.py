@@ -64,10 +64,15 @@ def _max_diff(a, b, seg=None) -> float:
     return float(jnp.max(jnp.abs(_on_tokens(a.astype(jnp.float32) - b, seg))))
 
 
-def _grads(attend, q, k, v, seg):
-    # A nonlinear readout over real tokens only (no gradient from padding rows).
-    loss = lambda q, k, v: jnp.sum(_on_tokens(jnp.sin(attend(q, k, v)), seg))  # noqa: E731
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+def _out_and_grads(attend, q, k, v, seg):
+    """attend(q, k, v) and the grads of a nonlinear readout over real tokens only (no
+    gradient from padding rows), in one jit (one compile instead of op by op)."""
+
+    def both(q, k, v):
+        loss = lambda q, k, v: jnp.sum(_on_tokens(jnp.sin(attend(q, k, v)), seg))  # noqa: E731
+        return attend(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    return jax.jit(both)(q, k, v)
 
 
 @pytest.mark.parametrize(
@@ -84,12 +89,10 @@ def test_packed_forward_and_grads_match_xla(impl: str, groups: int, causal: bool
     q, k, v = _qkv(2, T, T, kv_heads * groups, kv_heads, 16, seed=groups)
     seg = _segment_ids(PACKED, T)
     kw = dict(q_segment_ids=seg, kv_segment_ids=seg, causal=causal)
-    out = KERNELS[impl](q, k, v, **kw)
-    ref = dot_product_attention(q, k, v, **kw)
+    out, got = _out_and_grads(lambda q, k, v: KERNELS[impl](q, k, v, **kw), q, k, v, seg)
+    ref, want = _out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, **kw), q, k, v, seg)
     assert out.shape == ref.shape and out.dtype == jnp.float32
     assert _max_diff(out, ref, seg) <= ATOL
-    got = _grads(lambda q, k, v: KERNELS[impl](q, k, v, **kw), q, k, v, seg)
-    want = _grads(lambda q, k, v: dot_product_attention(q, k, v, **kw), q, k, v, seg)
     for name, g, r in zip("qkv", got, want, strict=True):
         assert g.dtype == jnp.float32
         assert float(jnp.max(jnp.abs(g - r))) <= ATOL, name
@@ -101,7 +104,7 @@ def test_bf16_within_tolerance(impl: str) -> None:
     seg = _segment_ids(PACKED, T)
     kw = dict(q_segment_ids=seg, kv_segment_ids=seg, causal=True)
     ref = dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), **kw)
-    out = KERNELS[impl](q, k, v, **kw)
+    out = jax.jit(lambda q, k, v: KERNELS[impl](q, k, v, **kw))(q, k, v)
     assert out.dtype == jnp.bfloat16
     assert _max_diff(out, ref, seg) <= BF16_ATOL
     assert _max_diff(dot_product_attention(q, k, v, **kw), ref, seg) <= BF16_ATOL
@@ -111,16 +114,15 @@ def test_chunked_sliding_window_no_segments_and_cross_lengths() -> None:
     q, k, v = _qkv(2, T, T, 4, 2, 16, seed=5)
     seg = _segment_ids(PACKED, T)
     kw = dict(q_segment_ids=seg, kv_segment_ids=seg, causal=True, sliding_window=5)
-    out = KERNELS["chunked"](q, k, v, **kw)
-    assert _max_diff(out, dot_product_attention(q, k, v, **kw), seg) <= ATOL
-    got = _grads(lambda q, k, v: KERNELS["chunked"](q, k, v, **kw), q, k, v, seg)
-    want = _grads(lambda q, k, v: dot_product_attention(q, k, v, **kw), q, k, v, seg)
+    out, got = _out_and_grads(lambda q, k, v: KERNELS["chunked"](q, k, v, **kw), q, k, v, seg)
+    ref, want = _out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, **kw), q, k, v, seg)
+    assert _max_diff(out, ref, seg) <= ATOL
     for g, r in zip(got, want, strict=True):
         assert float(jnp.max(jnp.abs(g - r))) <= ATOL
     # No segment ids, T != S, not causal: the padded key tail must stay unattended.
     q, _, _ = _qkv(1, 9, 9, 4, 2, 16, seed=6)
     _, k, v = _qkv(1, 50, 50, 4, 2, 16, seed=7)
-    assert _max_diff(KERNELS["chunked"](q, k, v), dot_product_attention(q, k, v)) <= ATOL
+    assert _max_diff(jax.jit(KERNELS["chunked"])(q, k, v), dot_product_attention(q, k, v)) <= ATOL
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas_gpu", "splash", "cudnn", "auto"])
@@ -134,7 +136,7 @@ def test_decode_with_q_offset_matches_xla(impl: str, caplog) -> None:
     q_seg = jnp.take_along_axis(kv_seg, index[:, None], axis=1)
     kw = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=True, q_offset=index)
     with caplog.at_level(logging.INFO, logger=attention.__name__):
-        out = dot_product_attention(q, k, v, impl=impl, **kw)
+        out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, impl=impl, **kw))(q, k, v)
     assert _max_diff(out, dot_product_attention(q, k, v, **kw)) <= ATOL
     if impl not in ("chunked", "auto"):
         assert f"xla instead of {impl}" in caplog.text and "q_offset" in caplog.text
@@ -179,10 +181,13 @@ def _model_loss(cfg, params, batch, impl: str):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """The tiny preset (1k vocab), text rows of 40 tokens (2 segments + padding), and its
-    loss and grads with xla attention."""
+    """The tiny preset (1k vocab, 56px crops), text rows of 40 tokens (2 segments +
+    padding), and its loss and grads with xla attention."""
     tiny = config.tiny()
-    cfg = tiny.replace(text=dataclasses.replace(tiny.text, vocab_size=1024))
+    cfg = tiny.replace(
+        vision=dataclasses.replace(tiny.vision, image_size=56),  # 16 patches: a cheap init
+        text=dataclasses.replace(tiny.text, vocab_size=1024),
+    )
     params = init_params(cfg, jax.random.key(0))
     batch = next(SyntheticBatches(rows=2, length=T, vocab=1000))
     batch = {k: batch[k] for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}

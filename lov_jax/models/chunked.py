@@ -291,8 +291,8 @@ def _attention_bwd(spec: _Spec, res, dout):
     kb, vb = _blocks(k, spec.block_k, nk, 0), _blocks(v, spec.block_k, nk, 0)
     q_segs = tiles.q_seg if tiles.q_seg is not None else jnp.zeros((nq,), jnp.int32)
 
-    # Outer loop over key blocks (dk, dv of block j stay in registers of the loop), inner
-    # over query blocks; each inner step's dq contribution is stacked and summed after.
+    # Outer loop over key blocks, inner over query blocks: block j's dk, dv are the inner
+    # loop's carry; each inner step's dq contribution is stacked and added after it.
     def kv_block(dq, xs):
         j, k_j, v_j, kv_seg_j = xs
         zero_kv = jnp.zeros(k_j.shape, jnp.float32)

@@ -39,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_height", None),
     ("conv_width", None),
     ("channels", None),
+    ("lora_rank", None),  # LoRA adapters' rank axis (lov_jax/lora)
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

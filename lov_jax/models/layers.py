@@ -148,7 +148,7 @@ def scanned(
     stack = nn.scan(
         block,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # dropout: per-layer masks (LoRA)
         in_axes=in_axes,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},

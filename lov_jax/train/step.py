@@ -58,18 +58,23 @@ def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float, loss_to
 
 
 class Trainer:
-    """Builds the optimizer, shardings and the jitted step for one model + stage config."""
+    """Builds the optimizer, shardings and the jitted step for one model + stage config.
+
+    `lora` (lov_jax.lora.adapters.Lora): params carry adapters beside their kernels, the
+    groups holding adapters train only them, frozen leaves are held in its base_dtype and
+    the model runs through `lora.apply` (adapter dropout keyed by the step).
+    """
 
     def __init__(
         self, cfg: ModelConfig, optim, mesh: Mesh, total_steps: int, loss_chunk: int,
-        loss_tokens_per_row: int = 0,
+        loss_tokens_per_row: int = 0, lora=None,
     ):  # fmt: skip
-        self.cfg, self.optim, self.mesh = cfg, optim, mesh
+        self.cfg, self.optim, self.mesh, self.lora = cfg, optim, mesh, lora
         self.model = LlavaOnevision(cfg)
         self.loss_chunk = loss_chunk
         self.loss_tokens = loss_tokens_per_row
-        boxed = abstract_params(cfg)  # ShapeDtypeStructs wrapped in LogicallyPartitioned
-        self.labels = optimizer.param_labels(_unbox(boxed), optim)
+        # ShapeDtypeStructs wrapped in LogicallyPartitioned
+        boxed, self.labels = self._abstract_boxed()
         self.tx, self.schedules = optimizer.make_optimizer(optim, total_steps, self.labels)
         trainable_boxed, _ = optimizer.split_params(boxed, self.labels)
         abstract_opt = jax.eval_shape(self.tx.init, trainable_boxed)
@@ -86,6 +91,16 @@ class Trainer:
             donate_argnums=(0,),
         )
 
+    def _abstract_boxed(self):
+        """(boxed abstract params, optimizer labels), adapters included."""
+        boxed = abstract_params(self.cfg)
+        if self.lora is None:
+            return boxed, optimizer.param_labels(_unbox(boxed), self.optim)
+        boxed = self.lora.abstract(boxed)
+        labels = optimizer.param_labels(_unbox(boxed), self.optim)
+        labels = self.lora.labels(labels, optimizer.FROZEN)
+        return self.lora.cast_frozen(boxed, labels, optimizer.FROZEN), labels
+
     # ---- state -------------------------------------------------------------------
 
     def init_state(self, params) -> TrainState:
@@ -93,6 +108,9 @@ class Trainer:
 
         The step donates its state: device arrays passed here are consumed.
         """
+        if self.lora is not None:  # fresh adapters unless the params hold them
+            params = self.lora.init(params)
+            params = self.lora.cast_frozen(params, self.labels, optimizer.FROZEN)
         with self._context():
             params = jax.device_put(params, self.state_sharding.params)
             trainable, _ = optimizer.split_params(params, self.labels)
@@ -104,7 +122,7 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-        params = _unbox(abstract_params(self.cfg))
+        params = _unbox(self._abstract_boxed()[0])
         trainable, _ = optimizer.split_params(params, self.labels)
         state = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32),
@@ -146,28 +164,30 @@ class Trainer:
     def _train_step(self, state: TrainState, batch: dict):
         trainable, frozen = optimizer.split_params(state.params, self.labels)
 
-        def micro_loss(trainable_params, micro):
+        def micro_loss(trainable_params, micro, rng):
             params = optimizer.merge_params(trainable_params, frozen)
-            return self.model.apply(
-                {"params": params},
-                micro,
-                self.loss_chunk,
-                self.optim.z_loss,
-                self.loss_tokens,
-                method=loss_terms,
-            )
+            args = ({"params": params}, micro, self.loss_chunk, self.optim.z_loss,
+                    self.loss_tokens)  # fmt: skip
+            if self.lora is None:
+                return self.model.apply(*args, method=loss_terms)
+            return self.lora.apply(self.model, *args, rngs={"dropout": rng}, method=loss_terms)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-        def accumulate(carry, micro):
+        def accumulate(carry, xs):
             grad_sum, loss_sum, count = carry
-            (loss, n), grads = grad_fn(trainable, micro)
+            micro, rng = xs
+            (loss, n), grads = grad_fn(trainable, micro, rng)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (grad_sum, loss_sum + loss, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, batch)
+        # one dropout key per micro-batch (only LoRA's adapter dropout draws from it)
+        seed = 0 if self.lora is None else self.lora.config.seed
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+        rngs = jax.random.split(step_key, jax.tree.leaves(batch)[0].shape[0])
+        (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, (batch, rngs))
 
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)

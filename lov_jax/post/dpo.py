@@ -404,7 +404,8 @@ class DPOTrainer:
         """(pairs, chosen targets) of the whole step: known from the batch alone, so every
         micro-batch's loss is already divided by the step's totals."""
         pairs = self.options.max_pairs_per_row
-        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+        keys = ("segment_ids", "loss_mask")
+        flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in keys}  # [A * B, L]
         n_pairs = jnp.sum(pair_present(flat, pairs))
         chosen = segment_sums(flat["loss_mask"], flat["segment_ids"], 2 * pairs)[:, 0::2]
         return jnp.maximum(n_pairs, 1.0), jnp.maximum(jnp.sum(chosen), 1.0)

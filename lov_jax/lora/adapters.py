@@ -51,6 +51,7 @@ HF_MODULE_PREFIXES = (
     ("projector.", "model.multi_modal_projector."),
     ("text.", "model.language_model."),
     ("lm_head.", "lm_head."),
+    ("image_newline", "model.image_newline"),
 )
 BASE_DTYPES = ("float32", "bfloat16")
 FIELDS = ("enabled", "r", "alpha", "dropout", "targets", "use_rslora", "base_dtype", "seed")

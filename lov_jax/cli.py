@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "data_pipelines.commands",
     "lov_jax.plan.commands",
     "lov_jax.serve.commands",
+    "lov_jax.post.commands",
 )
 
 

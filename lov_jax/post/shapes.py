@@ -1,0 +1,94 @@
+"""DPO on the embedded shapes data: one round from a demo stage-2 checkpoint.
+
+Preferences come from the synthetic tasks (`loop.answer_swap_pairs`): chosen the correct
+answer, rejected a wrong answer of the same task. Measured before and after the round on
+the held-out test split: the preference accuracy (the model's own summed log-prob of the
+correct answer above the wrong one, `loop.preference_accuracy`) and the task accuracy
+(greedy exact match through the eval runner, as `lov-jax demo` reports it).
+`run_shapes_dpo` writes `<out>/report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def shapes_dpo_config(stage2: str | Path, data: str | Path, pairs: str | Path, steps: int,
+                      seed: int = 0):  # fmt: skip
+    """configs/dpo.py at the demo's scale: its rows, templates and devices (configs/demo.py),
+    larger learning rates (the demo model is small and barely trained), `steps` steps."""
+    from configs import dpo as recipe
+
+    c = recipe.get_config("demo")
+    c.init_from = str(stage2)
+    c.data.train_path = str(pairs)
+    c.data.image_folder = c.data.video_folder = str(data)
+    c.data.system_prompt = ""  # as the demo's stage 2 (prompts as the HF template renders)
+    c.data.seed = c.train.seed = seed
+    c.data.seq_len, c.data.max_crops, c.data.rows_per_host = 1024, 24, 4
+    c.data.frames_upbound = 4
+    c.mesh.num_devices = 1
+    c.optim.lr, c.optim.vision_lr, c.optim.grad_accum = 2e-4, 2e-5, 1
+    c.train.num_steps = c.train.ckpt_every = steps
+    c.train.ckpt_keep = 1
+    c.train.loss_chunk = 128
+    c.dpo.max_pairs_per_row = 4
+    return c
+
+
+def _task_accuracy(ckpt: Path, data: Path, out: Path) -> dict:
+    from lov_jax.demo import write_eval_tasks
+    from lov_jax.eval.runner import ModelPredictor, run_eval
+    from lov_jax.inference.prompting import Prompter
+    from lov_jax.pretrained import load_pretrained
+
+    cfg, params = load_pretrained(ckpt)
+    tasks = out / "eval_tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    results = run_eval(write_eval_tasks(data, tasks), out / "eval",
+                       ModelPredictor(params, cfg, Prompter.from_checkpoint(ckpt)),
+                       batch_size=16, log=lambda s: None)  # fmt: skip
+    table = {r["task"].removeprefix("shapes_"): r["value"] for r in results["table"]}
+    return {"mean": sum(table.values()) / len(table), **table}
+
+
+def _pref_accuracy(ckpt: Path, pairs: list[dict], config) -> dict:
+    from lov_jax.post.loop import preference_accuracy
+    from lov_jax.pretrained import load_pretrained, load_tokenizer
+
+    cfg, params = load_pretrained(ckpt)
+    return preference_accuracy(params, cfg, load_tokenizer(ckpt), pairs, config)
+
+
+def run_shapes_dpo(stage2: str | Path, data: str | Path, out: str | Path, steps: int = 60,
+                   seed: int = 0) -> dict:  # fmt: skip
+    """Pairs from `data`/train.json, one DPO round of `steps` from `stage2`, figures on
+    `data`/test.json before and after; returns (and writes) the report."""
+    from lov_jax.post.loop import answer_swap_pairs
+    from lov_jax.post.train import run_dpo
+
+    stage2, data, out = Path(stage2), Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    single_turn = lambda rs: [r for r in rs if len(r["conversations"]) == 2]  # noqa: E731
+    train = answer_swap_pairs(single_turn(json.loads((data / "train.json").read_text())), seed)
+    test = answer_swap_pairs(single_turn(json.loads((data / "test.json").read_text())), seed + 1)
+    pairs_path = out / "pairs_train.jsonl"
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in train))
+    config = shapes_dpo_config(stage2, data, pairs_path, steps, seed)
+    t0 = time.time()
+    before = {"preference_accuracy": _pref_accuracy(stage2, test, config),
+              "task_accuracy": _task_accuracy(stage2, data, out / "before")}  # fmt: skip
+    t1 = time.time()
+    result = run_dpo(config, out / "dpo", progress=False)
+    t2 = time.time()
+    after = {"preference_accuracy": _pref_accuracy(out / "dpo", test, config),
+             "task_accuracy": _task_accuracy(out / "dpo", data, out / "after")}  # fmt: skip
+    last = result.metrics[max(result.metrics)] if result.metrics else {}
+    seconds = {"measure": t1 - t0, "dpo": t2 - t1, "total": time.time() - t0}
+    report = {"steps": steps, "train_pairs": len(train), "test_pairs": len(test),
+              "before": before, "after": after, "last_train_metrics": last,
+              "seconds": seconds}  # fmt: skip
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -73,3 +73,7 @@ def add_commands(subparsers) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_orbax_to_hf)
+
+    from lov_jax.lora.runs import add_commands as add_lora_commands
+
+    add_lora_commands(sub)  # orbax-to-peft, peft-to-orbax (LoRA adapters)

@@ -62,19 +62,23 @@ def run_training(
     workdir = Path(workdir)
     mesh = sharding.mesh_from_config(config.mesh)
     loss_tokens = config.train.get("loss_tokens_per_row", 0)
-    trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk, loss_tokens)
+    lora = _lora(config, cfg)
+    trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk, loss_tokens,
+                      lora=lora)  # fmt: skip
     manager = checkpoint.make_manager(
         workdir, keep=config.train.ckpt_keep, keep_period=config.train.ckpt_keep_period
     )
     is_main = jax.process_index() == 0
     writer = metrics.MetricWriter(workdir, enabled=is_main)
 
-    restored = checkpoint.restore_latest(manager, trainer.abstract_state())
+    restored = checkpoint.restore_latest(manager, trainer.checkpoint_view(trainer.abstract_state()))
     if restored is None:
         state = trainer.init_state(init_params())
         start, resumed_from = 0, None
     else:
         step, params, opt_state, data_state = restored
+        if lora is not None:  # the checkpoint holds the trained leaves; the base is init's
+            params = trainer.with_frozen(params, init_params())
         state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
                            opt_state=opt_state)  # fmt: skip
         state = jax.device_put(state, trainer.state_sharding)
@@ -119,7 +123,7 @@ def run_training(
         bar.set_postfix(loss=f"{losses[step - 1]:.4f}")
         if step % config.train.ckpt_every == 0 or step == total_steps:
             data_states = checkpoint.gather_data_states(data_iter.get_state())
-            checkpoint.save(manager, step, state, run_config, data_states)
+            checkpoint.save(manager, step, trainer.checkpoint_view(state), run_config, data_states)
         if stop_after is not None and done_here >= stop_after:
             break
     manager.wait_until_finished()
@@ -127,6 +131,14 @@ def run_training(
     writer.close()
     bar.close()
     return TrainResult(step, losses, skipped, resumed_from, state)
+
+
+def _lora(config, cfg: ModelConfig):
+    """The stage's `lora` block (lov_jax/lora/adapters.py) bound to the model, or None."""
+    from lov_jax.lora import adapters
+
+    lcfg = adapters.from_config(config.get("lora"))
+    return None if lcfg is None else adapters.Lora(lcfg, cfg)
 
 
 def _check_loss_budget(host: dict, loss_tokens: int) -> None:

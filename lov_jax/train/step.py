@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lov_jax import batch as batch_contract
@@ -134,6 +135,24 @@ class Trainer:
             state,
             self.state_sharding,
         )
+
+    def checkpoint_view(self, state: TrainState) -> TrainState:
+        """What a checkpoint stores: the state itself, or with LoRA its params cut to the
+        trained leaves (adapters + fully trained modules; the frozen base is init_from's)."""
+        if self.lora is None:
+            return state
+        trainable, _ = optimizer.split_params(state.params, self.labels)
+        return state.replace(params=traverse_util.unflatten_dict(trainable))
+
+    def with_frozen(self, trained, base):
+        """Trained leaves (a restored `checkpoint_view`) + the frozen leaves of `base`
+        params (host) -> full params in the state's dtypes and shardings."""
+        flat = traverse_util.flatten_dict(base)
+        frozen = {k: v for k, v in flat.items() if self.labels.get(k) == optimizer.FROZEN}
+        params = optimizer.merge_params(traverse_util.flatten_dict(trained), frozen)
+        if self.lora is not None:
+            params = self.lora.cast_frozen(params, self.labels, optimizer.FROZEN)
+        return jax.device_put(params, self.state_sharding.params)
 
     def abstract_batch(self, rows: int, length: int, crops: int, micro_batches: int) -> dict:
         """ShapeDtypeStructs of a step's batch [A, B, ...] (`lov_jax.batch`), sharded."""

@@ -134,12 +134,22 @@ def format_seconds(s: float) -> str:
 def cfg_from_config(config, remat: str | None, attention: str):
     """The stage config's preset as `lov-jax train` builds it (special ids: its tokenizer's)."""
     from data_pipelines.tokenizer import qwen2_token_ids
+    from lov_jax.token_ids import TokenIdError
     from lov_jax.train.run import load_tokenizer_for, model_from_config
 
     if config.init_from:
         raise PlanError("plan builds the preset's shapes; clear init_from (no weights are read)")
     cfg, _ = model_from_config(config)
-    kw = {"attention_impl": attention, "token_ids": qwen2_token_ids(load_tokenizer_for(config))}
+    kw = {"attention_impl": attention}
+    ids = qwen2_token_ids(load_tokenizer_for(config))
+    try:
+        ids.check(cfg.text.vocab_size)
+        kw["token_ids"] = ids
+    except TokenIdError:
+        # A LLaVA-1.5 / NeXT preset's vocabulary is not Qwen's: its ids come with a
+        # checkpoint (init_from); the train step's shapes need none.
+        if config.init_from:
+            raise
     if remat is not None:
         kw["remat_policy"] = remat
     return cfg.replace(**kw)

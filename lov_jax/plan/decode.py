@@ -168,7 +168,9 @@ def plan_decode(
     mesh = build_mesh(topology_devices(topo) if devices is None else devices, shape, num_slices)
     # Params are passed to each call: a Generator without params still holds the jitted
     # decode; no weights are placed (the rules table shards the abstract ones below).
-    gen = Generator({}, cfg)
+    # A preset without token ids (LLaVA-1.5 / NeXT: cfg_from_config) still lowers: the
+    # pad id only fills host batches, and none is built here.
+    gen = Generator({}, cfg, pad_id=0 if cfg.token_ids is None else None)
     boxed = abstract_params(gen.cfg)
     pdtype = jnp.dtype(param_dtype)
     params = jax.tree.map(

@@ -240,7 +240,13 @@ class Lora:
         """Optimizer labels (`train.optimizer.param_labels` over params incl. adapters) ->
         a group that holds adapters trains only its adapters; other groups unchanged
         (LLaVA: LoRA on the LLM, the projector trained fully)."""
-        with_adapters = {g for p, g in labels.items() if is_adapter(p) and g != frozen}
+        idle = sorted("/".join(p[:-1]) for p, g in labels.items() if is_adapter(p) and g == frozen)
+        if idle:
+            raise ValueError(
+                f"lora.targets {idle[:3]}... sit in a group optim.trainable does not train; "
+                "add the group (vision / llm) or narrow lora.targets"
+            )
+        with_adapters = {g for p, g in labels.items() if is_adapter(p)}
         return {
             p: (frozen if g in with_adapters and not is_adapter(p) else g)
             for p, g in labels.items()
@@ -261,6 +267,13 @@ class Lora:
         return traverse_util.unflatten_dict(
             {p: (cast(x) if labels[p] == frozen else x) for p, x in flat.items()}
         )
+
+    def prepare(self, params: Mapping, labels: Mapping[tuple[str, ...], str]) -> dict:
+        """Base params (host) -> a step's starting params: fresh adapters where absent,
+        frozen leaves in base_dtype (labels from `params_and_labels`)."""
+        from lov_jax.train.optimizer import FROZEN
+
+        return self.cast_frozen(self.init(params), labels, FROZEN)
 
     def split(self, params: Mapping) -> tuple[dict, dict]:
         """(base params, adapters) as nested trees."""
@@ -324,3 +337,20 @@ class Lora:
         xa = jax.lax.dot_general(h, a, ((contract, tuple(range(n_in))), ((), ())))
         delta = jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
         return y + (self.scaling * delta).astype(y.dtype)
+
+
+def params_and_labels(cfg: ModelConfig, optim, lora: Lora | None = None):
+    """(boxed abstract params, optimizer labels) of a step that trains `optim.trainable`,
+    through `lora`'s adapters when given: the seam every train step builds on (the
+    Trainer, the DPO step). With LoRA the params carry the adapters, groups holding
+    adapters train only them, and frozen leaves are in `base_dtype`; a step then runs
+    the model through `lora.apply` and starts from `lora.prepare(params, labels)`."""
+    from lov_jax.models.llava_onevision import abstract_params
+    from lov_jax.train import optimizer
+
+    boxed = abstract_params(cfg)
+    if lora is None:
+        return boxed, optimizer.param_labels(nn.meta.unbox(boxed), optim)
+    boxed = lora.abstract(boxed)
+    labels = lora.labels(optimizer.param_labels(nn.meta.unbox(boxed), optim), optimizer.FROZEN)
+    return lora.cast_frozen(boxed, labels, optimizer.FROZEN), labels

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lov_jax import batch as batch_contract
 from lov_jax import sharding
 from lov_jax.config import ModelConfig
-from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
+from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.models.loss import chunked_cross_entropy, gather_trained_positions
 from lov_jax.train import optimizer
 
@@ -94,13 +94,9 @@ class Trainer:
 
     def _abstract_boxed(self):
         """(boxed abstract params, optimizer labels), adapters included."""
-        boxed = abstract_params(self.cfg)
-        if self.lora is None:
-            return boxed, optimizer.param_labels(_unbox(boxed), self.optim)
-        boxed = self.lora.abstract(boxed)
-        labels = optimizer.param_labels(_unbox(boxed), self.optim)
-        labels = self.lora.labels(labels, optimizer.FROZEN)
-        return self.lora.cast_frozen(boxed, labels, optimizer.FROZEN), labels
+        from lov_jax.lora.adapters import params_and_labels
+
+        return params_and_labels(self.cfg, self.optim, self.lora)
 
     # ---- state -------------------------------------------------------------------
 
@@ -110,8 +106,7 @@ class Trainer:
         The step donates its state: device arrays passed here are consumed.
         """
         if self.lora is not None:  # fresh adapters unless the params hold them
-            params = self.lora.init(params)
-            params = self.lora.cast_frozen(params, self.labels, optimizer.FROZEN)
+            params = self.lora.prepare(params, self.labels)
         with self._context():
             params = jax.device_put(params, self.state_sharding.params)
             trainable, _ = optimizer.split_params(params, self.labels)

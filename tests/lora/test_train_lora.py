@@ -129,3 +129,7 @@ def test_config_block_validation():
         "vision_tower/encoder/layers/self_attn/q_proj",
         "vision_tower/encoder/layers/self_attn/v_proj",
     ]
+    stage = stage2_ov.get_config("demo")
+    stage.optim.trainable = ("projector", "llm")
+    with pytest.raises(ValueError, match="does not train"):
+        adapters.params_and_labels(CFG, stage.optim, tower)

@@ -81,7 +81,7 @@ def _modules_to_save(paths) -> list[str]:
             raise ValueError(
                 f"{'/'.join(path)} is trained outside the adapters; export with --merge"
             )
-        mods.add({"vision_tower": "vision_tower"}.get(path[0], path[0]))
+        mods.add(path[0])  # vision_tower / multi_modal_projector: the HF module's name too
     return sorted(mods)
 
 

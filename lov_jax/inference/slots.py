@@ -66,6 +66,8 @@ class SlotDecoder:
 
     def __init__(self, generator: Generator, *, slots: int, cache_len: int):
         self.gen, self.cfg = generator, generator.cfg
+        if slots < 1 or cache_len < 2:
+            raise ValueError(f"need slots >= 1 and cache_len >= 2, got {slots}, {cache_len}")
         if slots % generator.batch_multiple:
             raise ValueError(f"slots={slots} must be a multiple of {generator.batch_multiple}")
         self.slots, self.cache_len = slots, cache_len

@@ -418,3 +418,40 @@ def test_chat_page_in_a_browser(server, client, tmp_path):
     assert got["finish"] == want.choices[0].finish_reason
     assert int(got["chunks"]) > 1  # it streamed, delta by delta
     print(f"screenshot: {tmp_path / 'chat_page.png'}")
+
+
+def test_video_url_and_frames_as_video(ckpt, server, client, tmp_path):
+    """A video as a data URI or a local path answers as `generate` on the file; with
+    --frames-as-video, images sent as frames (lmms-eval's way) are that video."""
+    from data_pipelines.video import read_video, write_video
+    from lov_jax.serve import Service
+
+    _, cfg, params, prompter = ckpt
+    rng = np.random.default_rng(4)
+    path = tmp_path / "v.mp4"
+    write_video(path, rng.integers(0, 256, (2, 48, 64, 3), dtype=np.uint8))
+    question = "What happens?"
+    want = generate(params, cfg, (question, [], [str(path)]), prompter=prompter,
+                    max_new_tokens=6, num_frames=32)  # fmt: skip
+    for url in (_uri(path.read_bytes(), "video/mp4"), f"file://{path}"):
+        out = client.chat.completions.create(model=MODEL, max_tokens=6, messages=[{
+            "role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                        {"type": "text", "text": question}]}])  # fmt: skip
+        assert out.choices[0].message.content == want
+    frames = read_video(path, 32)
+    pngs = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, "PNG")
+        pngs.append({"type": "image_url", "image_url": {"url": _uri(buf.getvalue())}})
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [
+        *pngs, {"type": "text", "text": question}]}]}  # fmt: skip
+    as_video = Service(server.scheduler, prompter, cfg,
+                       ServeConfig(model_name=MODEL, frames_as_video=True))  # fmt: skip
+    jobs, _, _ = as_video.jobs(body)
+    ref = prompter.encode(cfg, (question, [], [frames]))
+    np.testing.assert_array_equal(jobs[0].prompt.tokens, ref.tokens)
+    np.testing.assert_array_equal(jobs[0].prompt.crops, ref.crops)
+    assert [i.kind for i in jobs[0].prompt.items] == ["video"]
+    images, _, _ = server.service.jobs(body)  # without the flag: two images
+    assert [i.kind for i in images[0].prompt.items] == ["pad", "pad"]

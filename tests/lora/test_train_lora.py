@@ -133,3 +133,16 @@ def test_config_block_validation():
     stage.optim.trainable = ("projector", "llm")
     with pytest.raises(ValueError, match="does not train"):
         adapters.params_and_labels(CFG, stage.optim, tower)
+
+
+def test_lora_recipe_and_overrides():
+    from lov_jax.train.config_loading import UnknownConfigField, apply_overrides, load_config
+
+    c = load_config("configs/lora.py:tiny_llava15")
+    c = apply_overrides(c, ["--config.lora.r=8", "--config.lora.base_dtype=bfloat16"]) or c
+    lcfg = adapters.from_config(c.lora)
+    assert (lcfg.r, lcfg.alpha, lcfg.base_dtype, lcfg.dropout) == (8, 256.0, "bfloat16", 0.05)
+    assert (c.optim.lr, c.optim.projector_lr) == (2e-4, 2e-5)
+    assert tuple(c.optim.trainable) == ("projector", "llm")
+    with pytest.raises(UnknownConfigField, match="lora.rank"):
+        apply_overrides(c, ["--config.lora.rank=8"])

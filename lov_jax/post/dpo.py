@@ -139,7 +139,9 @@ def completion_mask(sample: Sample) -> np.ndarray:
 
 def process_pair(record: dict, process, options: DPOOptions) -> Sample:
     """DPO record -> one two-part Sample; `process` is the SFT record -> Sample function
-    (`lov_jax.train.run.make_process_fn`), so templates, media and budgets are the same."""
+    (`lov_jax.train.run.make_process_fn`), so templates, media and budgets are the same.
+    With `completion="trl"` its chat mask must be "assistant" (`post.train.pair_process`):
+    the targets then run from the answer's first to the part's end."""
     chosen_rec, rejected_rec = pair_conversations(record)
     parts = [process(chosen_rec), process(rejected_rec)]
     if options.completion == "trl":
@@ -170,12 +172,17 @@ def process_pair(record: dict, process, options: DPOOptions) -> Sample:
     )
 
 
-def check_pairs_per_row(batch: dict, max_pairs: int) -> None:
-    """Host check: no row holds more than `max_pairs` pairs (2 segments each)."""
+def check_row_budgets(batch: dict, max_pairs: int, loss_tokens: int = 0) -> None:
+    """Host check: no row holds more than `max_pairs` pairs (2 segments each) or, with
+    `loss_tokens > 0`, more trained targets than that (never cut silently)."""
     most = int(np.asarray(batch["segment_ids"]).max(initial=0))
     if most > 2 * max_pairs:
         raise ValueError(f"a row holds {most // 2} pairs > dpo.max_pairs_per_row={max_pairs}; "
                          "raise it")  # fmt: skip
+    trained = int(np.asarray(batch["loss_mask"] > 0).sum(-1).max(initial=0))
+    if loss_tokens and trained > loss_tokens:
+        raise ValueError(f"a row has {trained} trained targets > train.loss_tokens_per_row="
+                         f"{loss_tokens}; raise it (0: every position)")  # fmt: skip
 
 
 # ---- log-probs and the loss -------------------------------------------------------------

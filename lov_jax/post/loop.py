@@ -333,14 +333,14 @@ def preference_accuracy(params, cfg, tokenizer, pairs: Sequence[dict], config) -
     from data_pipelines import packing, sources
     from lov_jax import sharding
     from lov_jax.post import dpo
-    from lov_jax.post.train import global_batch
-    from lov_jax.train.run import make_process_fn
+    from lov_jax.post.train import global_batch, pair_process
 
     data = config.data
     options = dpo.DPOOptions.from_config(config.dpo)
+    loss_tokens = config.train.get("loss_tokens_per_row", 0)
     trainer = dpo.DPOTrainer(cfg, config.optim, options, sharding.mesh_from_config(config.mesh),
-                             1, config.train.loss_chunk)  # fmt: skip
-    process = make_process_fn(config, cfg, tokenizer)
+                             1, config.train.loss_chunk, loss_tokens)  # fmt: skip
+    process = pair_process(config, cfg, tokenizer, options)
     pack = packing.PackConfig(data.seq_len, data.max_crops, pad_id=cfg.ids.pad)
     params = trainer.place_reference(params)
     wins: dict[str, list[float]] = {}
@@ -349,8 +349,9 @@ def preference_accuracy(params, cfg, tokenizer, pairs: Sequence[dict], config) -
         batch = packing.empty_rows(data.rows_per_host, pack, cfg)
         for b, rec in enumerate(chunk):
             rec = sources.resolve_media(rec, data.image_folder or None, data.video_folder or None)
-            packing.write_row(batch, b, [dpo.process_pair(rec, process, options)], pack, cfg)
+            packing.write_row(batch, b, [process(rec)], pack, cfg)
         host = {k: v[None] for k, v in batch.items()}  # A = 1
+        dpo.check_row_budgets(host, options.max_pairs_per_row, loss_tokens)
         logps = jax.device_get(trainer.reference_logps(params, global_batch(host, trainer)))
         for b, rec in enumerate(chunk):
             win = float(logps[0, b, 0, 0] > logps[0, b, 0, 1])

@@ -34,7 +34,8 @@ def shapes_dpo_config(stage2: str | Path, data: str | Path, pairs: str | Path, s
     c.train.num_steps = c.train.ckpt_every = steps
     c.train.ckpt_keep = 1
     c.train.loss_chunk = 128
-    c.dpo.max_pairs_per_row = 4
+    c.train.loss_tokens_per_row = 96  # only the answers' targets go through the vocab
+    c.dpo.max_pairs_per_row = 12  # 1024-token rows hold up to ~8 pairs here
     return c
 
 

@@ -60,17 +60,31 @@ def _open(config, path: str, media_folders: bool = True):
     )  # fmt: skip
 
 
+def pair_process(config, cfg, tokenizer, options: dpo.DPOOptions):
+    """DPO record -> two-part Sample with `lov-jax train`'s record processing. For
+    `completion="trl"` the chat mask is "assistant" (the answer and its end-of-turn), which
+    `dpo.process_pair` extends to the end of each part; else `data.loss_mask` as set."""
+    import copy
+
+    from lov_jax.train.run import make_process_fn
+
+    if options.completion == "trl":
+        config = copy.deepcopy(config)
+        config.data.loss_mask = "assistant"
+    return functools.partial(dpo.process_pair, process=make_process_fn(config, cfg, tokenizer),
+                             options=options)  # fmt: skip
+
+
 def precompute_reference(config, cfg, tokenizer, trainer, ref_params, out: Path) -> Path:
     """One pass of the frozen reference over every record: writes `out` (jsonl) with
     `ref_chosen_logps` / `ref_rejected_logps` added (media paths resolved). Records the
     loader would skip are left out (and counted in the log)."""
     from data_pipelines import packing, sample, sources
-    from lov_jax.train.run import make_process_fn
 
     data = config.data
     recs = _open(config, data.train_path)
     options = dataclasses.replace(trainer.options, reference="step")
-    process = make_process_fn(config, cfg, tokenizer)
+    process = pair_process(config, cfg, tokenizer, options)
     pack = packing.PackConfig(data.seq_len, data.max_crops, pad_id=cfg.ids.pad)
     rows = data.rows_per_host
     done, skipped = [], 0
@@ -81,6 +95,7 @@ def precompute_reference(config, cfg, tokenizer, trainer, ref_params, out: Path)
         for b, (_, s) in enumerate(pending):
             packing.write_row(batch, b, [s], pack, cfg)
         host = {k: v[None] for k, v in batch.items()}  # A = 1
+        dpo.check_row_budgets(host, options.max_pairs_per_row, trainer.loss_tokens)
         ref = jax.device_get(trainer.reference_logps(ref_params, global_batch(host, trainer)))
         for b, (rec, _) in enumerate(pending):
             clean = {k: v for k, v in rec.items() if k not in (sources.SOURCE_KEY,
@@ -92,7 +107,7 @@ def precompute_reference(config, cfg, tokenizer, trainer, ref_params, out: Path)
     for i in range(jax.process_index(), len(recs), jax.process_count()):
         rec = recs[i]
         try:
-            pending.append((rec, dpo.process_pair(rec, process, options)))
+            pending.append((rec, process(rec)))
         except sample.BadSample as err:
             skipped += 1
             print(f"[dpo] precompute: skipping {err}")
@@ -140,7 +155,7 @@ def run_dpo(config, workdir: str | Path, progress: bool = True) -> DPOResult:
     from data_pipelines.hf_processor import save_hf_processor_files
     from lov_jax.convert import orbax_io
     from lov_jax.train import checkpoint, metrics
-    from lov_jax.train.run import load_tokenizer_for, make_process_fn, model_from_config
+    from lov_jax.train.run import load_tokenizer_for, model_from_config
     from lov_jax.train.step import TrainState, stack_micro_batches
 
     workdir = Path(workdir)
@@ -160,8 +175,7 @@ def run_dpo(config, workdir: str | Path, progress: bool = True) -> DPOResult:
         save_hf_processor_files(workdir / "assets", cfg, tokenizer)
     mesh = sharding.mesh_from_config(config.mesh)
     loss_tokens = config.train.get("loss_tokens_per_row", 0)
-    process = functools.partial(dpo.process_pair, process=make_process_fn(config, cfg, tokenizer),
-                                options=options)  # fmt: skip
+    process = pair_process(config, cfg, tokenizer, options)
     recs = _open(config, config.data.train_path)
     total = config.train.num_steps
     if total <= 0:
@@ -200,7 +214,7 @@ def run_dpo(config, workdir: str | Path, progress: bool = True) -> DPOResult:
     step = start
     while step < total:
         host = stack_micro_batches([next(it) for _ in range(config.optim.grad_accum)])
-        dpo.check_pairs_per_row(host, options.max_pairs_per_row)
+        dpo.check_row_budgets(host, options.max_pairs_per_row, loss_tokens)
         if options.reference == "precomputed":
             host.setdefault(dpo.REF_KEY, np.zeros(host["tokens"].shape, np.float32))
         t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def test_shapes_dpo_round_raises_preference_accuracy(demo):
                                    steps=6, seed=3)  # fmt: skip
     before, after = report["before"], report["after"]
     print(json.dumps({k: report[k] for k in ("before", "after")}, indent=1))
-    assert report["test_pairs"] == 10 and report["train_pairs"] > 20
+    assert report["test_pairs"] >= 6 and report["train_pairs"] > 20
     assert after["preference_accuracy"]["all"] > before["preference_accuracy"]["all"]
     assert after["task_accuracy"]["mean"] >= before["task_accuracy"]["mean"]
     assert set(report["last_train_metrics"]) >= set(

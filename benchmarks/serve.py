@@ -67,7 +67,7 @@ def run_level(client, model: str, n: int, concurrency: int, max_tokens: int):
     return [o[0] for o in outs], sum(o[1] for o in outs), [o[2] for o in outs], wall
 
 
-def hf_loop(hf_dir: Path, n: int, max_tokens: int):
+def hf_loop(hf_dir: Path, cfg, n: int, max_tokens: int):
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -79,8 +79,8 @@ def hf_loop(hf_dir: Path, n: int, max_tokens: int):
     eos = list(model.generation_config.eos_token_id)
     t0 = time.perf_counter()
     for k in range(n):
-        ids = prompter.tokenizer.encode(prompter.render(messages(k)), add_special_tokens=False)
-        x = torch.tensor([ids.ids])
+        # The server's prompt path (Prompter.encode): text-only, so the ids are the tokens.
+        x = torch.tensor([prompter.encode(cfg, messages(k)).tokens.tolist()])
         kw = {"do_sample": False, "eos_token_id": eos, "pad_token_id": eos[0]}
         with torch.no_grad():
             s = time.perf_counter()
@@ -141,7 +141,7 @@ def main() -> None:
                           f"{same:>5}/{len(texts)}")  # fmt: skip
             finally:
                 running.close()
-            texts, tokens, ttft, wall = hf_loop(hf_dir, args.requests, args.max_tokens)
+            texts, tokens, ttft, wall = hf_loop(hf_dir, cfg, args.requests, args.max_tokens)
             equal = sum(a == b for a, b in zip(texts, base, strict=True))
             print(f"{'HF generate (loop)':<22} {1:>4} {args.requests / wall:>8.2f} "
                   f"{tokens / wall:>9.1f} {statistics.median(ttft) * 1e3:>9.1f} "

@@ -26,13 +26,12 @@ from lov_jax.post import dpo  # noqa: E402
 from lov_jax.testing import tokenizers as test_tokenizers  # noqa: E402
 from lov_jax.testing.hf_checkpoints import make_tiny_hf, random_image, to_hf_pixels  # noqa: E402
 
-# (prompt, chosen, rejected, image size or None); the images: 1x1 anyres grids unpadded
-# on each axis (kept small: every crop is 729 tokens)
+# (prompt, chosen, rejected, image size or None); the image: a non-square anyres grid
+# and unpadding (one image pair only: every crop is 729 tokens)
 PAIRS = [
     ("What colour is the sky?", "Blue, mostly.", "Green", None),
     ("Count to three.", "one two three", "one two", None),
     ("Describe the picture.", "A grey square.", "It is a cat sitting on a mat.", (200, 310)),
-    ("Which side?", "left", "right", (330, 190)),
     ("Say hi.", "hi", "hello there friend", None),
 ]
 
@@ -159,8 +158,8 @@ def _trl_inputs(setup, which, trainer, samples):
     return inputs, seqs, masks
 
 
-TEXT = [0, 1, 4]  # text-only pairs
-ALL = list(range(len(PAIRS)))  # with the image pairs
+TEXT = [0, 1, 3]  # text-only pairs
+ALL = list(range(len(PAIRS)))  # with the image pair
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,8 @@ def test_loop_runs_end_to_end_and_resumes(demo, tmp_path):
     for r in records:
         assert r["samples"] == 12 and r["pairs"] + r["ties"] == 6 and r["pairs"] >= 1
         assert r["steps"] == 1 and "rewards/accuracies" in r["last_metrics"]
-    pairs = [json.loads(x) for x in (tmp_path / "loop/round_1/pairs.jsonl").read_text().split()]
+    lines = (tmp_path / "loop/round_1/pairs.jsonl").read_text().splitlines()
+    pairs = [json.loads(x) for x in lines]
     assert all(p["chosen"] == answers[p["id"]] and p["scores"] == [1.0, 0.0] for p in pairs)
     assert {ck for ck, _ in calls} == {str(demo["stage2"]), records[1]["init"]}
 

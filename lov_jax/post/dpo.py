@@ -351,9 +351,10 @@ class DPOTrainer:
         return TrainState(step=step, params=params, opt_state=opt_state)
 
     def place_reference(self, params):
-        """The frozen reference params on the mesh (a copy: `step` never donates them)."""
+        """The frozen reference params on the mesh, in buffers of their own (the step
+        donates the policy's, so the two must never alias)."""
         with self._context():
-            return jax.device_put(jax.tree.map(jnp.array, params), self.params_sharding)
+            return jax.device_put(params, self.params_sharding, may_alias=False)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""

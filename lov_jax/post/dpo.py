@@ -46,7 +46,7 @@ from lov_jax.config import ModelConfig
 from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
 from lov_jax.models.loss import gather_trained_positions
 from lov_jax.train import optimizer
-from lov_jax.train.step import TrainState
+from lov_jax.train.step import TrainState, fresh_state
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REFERENCES = ("step", "precomputed")
@@ -342,13 +342,7 @@ class DPOTrainer:
     def init_state(self, params) -> TrainState:
         """Place params on the mesh with a fresh optimizer state (donated by `step`)."""
         with self._context():
-            params = jax.device_put(params, self.state_sharding.params)
-            trainable, _ = optimizer.split_params(params, self.labels)
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(
-                trainable
-            )
-            step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding.step)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+            return fresh_state(params, self.labels, self.tx, self.state_sharding)
 
     def place_reference(self, params):
         """The frozen reference params on the mesh, in buffers of their own (the step

@@ -108,13 +108,7 @@ class Trainer:
         if self.lora is not None:  # fresh adapters unless the params hold them
             params = self.lora.prepare(params, self.labels)
         with self._context():
-            params = jax.device_put(params, self.state_sharding.params)
-            trainable, _ = optimizer.split_params(params, self.labels)
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(
-                trainable
-            )
-            step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding.step)
-        return TrainState(step=step, params=params, opt_state=opt_state)
+            return fresh_state(params, self.labels, self.tx, self.state_sharding)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
@@ -227,6 +221,16 @@ class Trainer:
             **{f"lr/{g}": s(state.step) for g, s in self.schedules.items()},
         }
         return new_state, metrics
+
+
+def fresh_state(params, labels, tx: optax.GradientTransformation, shardings: TrainState):
+    """Step 0: `params` placed by `shardings.params`, `tx`'s state over the trainable subset
+    (`labels`). Call under the trainer's mesh context."""
+    params = jax.device_put(params, shardings.params)
+    trainable, _ = optimizer.split_params(params, labels)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def stack_micro_batches(batches: list[dict]) -> dict:

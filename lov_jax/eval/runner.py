@@ -6,14 +6,18 @@ Layout of `--out`:
     results.json                         lmms-eval style aggregate (process 0)
 
 Process i of n evaluates records k with k % n == i. Each finished batch is appended and
-fsynced, so a rerun with the same `--out` (any process count) skips every id already
-scored in any shard file and ends with the same aggregate. A record that is malformed or
+fsynced, so a rerun with the same `--out` (any process count) skips every record already
+scored in any shard file and ends with the same aggregate. A row counts as scored only
+under its key (model fingerprint, task content hash, record id): rows of another
+checkpoint (or prompt template, or sampling temperature), or of an edited task file,
+are scored again (and said so), never reused. A record that is malformed or
 whose media is missing/undecodable is scored 0 and reported with its id and reason: it
 stays in the denominator and is counted under `bad_records`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,13 +39,46 @@ class Predictor(Protocol):
     def predict(self, encoded: Sequence[Any], max_new_tokens: int) -> list[str]: ...
 
 
+def model_fingerprint(params, cfg, prompter=None, **knobs) -> str:
+    """A hash of what decides a model's answers: the config, the params (every leaf's path,
+    shape, dtype and up to 64k evenly strided values: any retrained, merged or other
+    checkpoint differs), the prompter's templates and the decoding knobs."""
+    import numpy as np
+
+    from lov_jax.convert.hf_keys import flatten
+
+    h = hashlib.sha256(json.dumps(cfg.to_hf_config(), sort_keys=True, default=str).encode())
+    for path, leaf in sorted(flatten(params).items()):
+        x = np.asarray(leaf)
+        flat = x.reshape(-1)
+        sample = np.ascontiguousarray(flat[:: max(1, flat.size // 65536)])
+        h.update(f"{path}{x.shape}{x.dtype}".encode())
+        h.update(sample.view(np.uint8).tobytes())
+    if prompter is not None:
+        for part in (prompter.chat_template, prompter.conv_template, prompter.system):
+            h.update(repr(part).encode())
+    h.update(json.dumps(knobs, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def task_fingerprint(spec: TaskSpec) -> str:
+    """A hash of the task's content: its settings and the bytes of its records file."""
+    settings = {k: v for k, v in spec.config().items() if k not in ("source", "data")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(spec.data.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class ModelPredictor:
-    """`Predictor` over `lov_jax.inference` (greedy by default; stops on the eos ids)."""
+    """`Predictor` over `lov_jax.inference` (greedy by default; stops on the eos ids).
+
+    `fingerprint` (`model_fingerprint`) keys its rows for resuming."""
 
     def __init__(self, params, cfg, prompter, *, mesh=None, temperature: float = 0.0):
         from lov_jax.inference.engine import Generator
 
         self.cfg, self.prompter, self.temperature = cfg, prompter, temperature
+        self.fingerprint = model_fingerprint(params, cfg, prompter, temperature=temperature)
         self.generator = Generator(params, cfg, mesh=mesh)
         self.batch_multiple = self.generator.batch_multiple
 
@@ -68,8 +105,9 @@ def shard_path(out_dir: Path, task: str, index: int, count: int) -> Path:
     return Path(out_dir) / "shards" / f"{task}.rank{index:05d}-of-{count:05d}.jsonl"
 
 
-def read_scored(out_dir: str | Path, task: str) -> dict[str, dict]:
-    """Every row already scored for `task` in any shard file (a torn last line is ignored)."""
+def read_scored(out_dir: str | Path, task: str, key: list | None = None) -> dict[str, dict]:
+    """Every row already scored for `task` in any shard file (a torn last line is ignored);
+    with `key` ([model fingerprint, task hash]) only the rows scored under it."""
     rows: dict[str, dict] = {}
     for path in sorted((Path(out_dir) / "shards").glob(f"{task}.rank*.jsonl")):
         for line in path.read_text().splitlines():
@@ -77,8 +115,14 @@ def read_scored(out_dir: str | Path, task: str) -> dict[str, dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # interrupted mid-write
-            rows.setdefault(row["id"], row)
+            if key is None or row.get("key") == key:
+                rows.setdefault(row["id"], row)
     return rows
+
+
+def run_key(spec: TaskSpec, predictor) -> list:
+    """[model fingerprint (None for a predictor without one), task content hash]."""
+    return [getattr(predictor, "fingerprint", None), task_fingerprint(spec)]
 
 
 def _open_for_append(path: Path):
@@ -130,15 +174,22 @@ def evaluate_shard(
     """Score this process's records not yet scored; append rows to its shard file."""
     records = read_records(spec)[:limit]
     mine = [r for i, r in enumerate(records) if i % process_count == process_index]
-    done = read_scored(out_dir, spec.name)
+    key = run_key(spec, predictor)
+    done = read_scored(out_dir, spec.name, key)
     todo = [r for r in mine if r.id not in done]
+    stale = read_scored(out_dir, spec.name).keys() & {r.id for r in todo}
+    if stale:
+        log(
+            f"[{spec.name}] {len(stale)} row(s) in {out_dir} were scored by another checkpoint "
+            "or task version (model / task fingerprints differ): scoring them again"
+        )
     stats = {"assigned": len(mine), "skipped": len(mine) - len(todo), "scored": 0, "errors": 0}
     path = shard_path(Path(out_dir), spec.name, process_index, process_count)
     with _open_for_append(path) as f:
 
         def write(rows):
             for row in rows:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+                f.write(json.dumps({**row, "key": key}, sort_keys=True) + "\n")
                 stats["scored"] += 1
                 stats["errors"] += row["error"] is not None
             f.flush()
@@ -282,19 +333,23 @@ def run_eval(
     specs = [load_task(p) for p in task_paths]
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"task names collide: {[s.name for s in specs]}")
-    aggs = []
+    aggs, keys = [], {}
     for spec in specs:
         stats = evaluate_shard(
             spec, predictor, out_dir, process_index=index, process_count=count,
             batch_size=batch_size, limit=limit, log=log,
         )  # fmt: skip
         log(f"[{spec.name}] process {index}/{count}: {stats}")
-        mine = read_scored(out_dir, spec.name)
+        keys[spec.name] = key = run_key(spec, predictor)
+        mine = read_scored(out_dir, spec.name, key)
         rows = gather_rows(mine)
         aggs.append(aggregate_task(spec, rows, limit))
     if index != 0:
         return None
-    results = write_outputs(out_dir, specs, aggs, model, model_config or {})
+    fingerprints = {"model": getattr(predictor, "fingerprint", None),
+                    "tasks": {name: k[1] for name, k in keys.items()}}  # fmt: skip
+    config = {**(model_config or {}), "fingerprints": fingerprints}
+    results = write_outputs(out_dir, specs, aggs, model, config)
     log(format_table(results))
     return results
 

@@ -132,10 +132,12 @@ def load_task(path: str | Path) -> TaskSpec:
 
 
 def read_records(spec: TaskSpec) -> list[Request | BadRecord]:
-    """Every line of the task's jsonl, validated: a Request or a BadRecord (never dropped)."""
+    """Every line of the task's jsonl, validated: a Request or a BadRecord (never dropped).
+
+    Two records with one id are an error naming both lines (results are keyed by id)."""
     root = spec.media_root or spec.data.parent
     out: list[Request | BadRecord] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for index, line in enumerate(spec.data.read_text().splitlines()):
         if not line.strip():
             continue
@@ -146,15 +148,24 @@ def read_records(spec: TaskSpec) -> list[Request | BadRecord]:
                 raise ValueError(f"a record must be a json object, got {type(rec).__name__}")
             rid = str(rec.get("id", rid))
             if rid in seen:
-                raise ValueError(f"duplicate id {rid!r}")
-            seen.add(rid)
+                raise DuplicateId(
+                    f"{spec.data}: record id {rid!r} on line {index + 1} repeats line "
+                    f"{seen[rid] + 1}; ids must be unique"
+                )
+            seen[rid] = index
             out.append(_request(rec, rid, index, spec, root))
+        except DuplicateId:
+            raise
         except MissingMedia as err:
             out.append(BadRecord(rid, index, Reason.MISSING_MEDIA, str(err), err.prompt,
                                  err.answers, err.metric, err.meta))  # fmt: skip
         except (ValueError, TypeError, KeyError) as err:
             out.append(BadRecord(rid, index, Reason.MALFORMED_RECORD, str(err)))
     return out
+
+
+class DuplicateId(ValueError):
+    """Two records of a task share an id (not a bad record: the whole task is refused)."""
 
 
 def _as_list(value) -> list:

@@ -186,3 +186,60 @@ def test_eval_cli_with_tiny_model(tmp_path):
     rows = [json.loads(x) for x in (out / "samples_t.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     assert all(isinstance(r["prediction"], str) for r in rows[:2])
+
+
+class KeyedPredictor(FakePredictor):
+    def __init__(self, fingerprint: str):
+        super().__init__()
+        self.fingerprint = fingerprint
+
+
+def test_resume_keys_on_checkpoint_and_task_content(task, tmp_path):
+    out, logs = tmp_path / "out", []
+    scored = {"mc1", "mc2", "vqa1", "doc1", "chart1", "em1"}  # the records reaching the model
+    first = KeyedPredictor("ckpt-a")
+    runner.run_eval([task], out, first, log=logs.append)
+    assert set(first.calls) == scored
+    same = KeyedPredictor("ckpt-a")
+    runner.run_eval([task], out, same, log=logs.append)
+    assert same.calls == []  # resumed: nothing to do
+    # another checkpoint: every record is scored again, and said so
+    other = KeyedPredictor("ckpt-b")
+    results = runner.run_eval([task], out, other, log=logs.append)
+    assert set(other.calls) == scored and any("another checkpoint" in x for x in logs)
+    assert results["config"]["fingerprints"]["model"] == "ckpt-b"
+    rows = [json.loads(x) for x in (out / "samples_mix.jsonl").read_text().splitlines()]
+    assert {r["key"][0] for r in rows} == {"ckpt-b"} and len(rows) == 10
+    # an edited task file (em1's answer): its hash changes, the records are scored again
+    data = tmp_path / "mix.jsonl"
+    data.write_text(data.read_text().replace('"answer": "Paris"', '"answer": "Rome"'))
+    edited = KeyedPredictor("ckpt-b")
+    results = runner.run_eval([task], out, edited, log=logs.append)
+    assert set(edited.calls) == scored
+    assert results["results"]["mix"]["exact_match:exact_match,none"] == 0.0  # paris != Rome
+
+
+def test_model_fingerprint_sees_params_templates_and_knobs():
+    class Cfg:
+        def to_hf_config(self):
+            return {"text_config": {"vocab_size": 7}}
+
+    rng = np.random.default_rng(5)
+    params = {"a": {"kernel": rng.normal(size=(300, 301)).astype(np.float32)},
+              "b": np.arange(5, dtype=np.int32)}  # fmt: skip
+    fp = runner.model_fingerprint(params, Cfg(), temperature=0.0)
+    assert fp == runner.model_fingerprint(params, Cfg(), temperature=0.0)
+    changed = {**params, "a": {"kernel": params["a"]["kernel"] * 1.001}}
+    assert runner.model_fingerprint(changed, Cfg(), temperature=0.0) != fp
+    assert runner.model_fingerprint(params, Cfg(), temperature=0.7) != fp
+    other_dtype = {**params, "b": params["b"].astype(np.int64)}
+    assert runner.model_fingerprint(other_dtype, Cfg(), temperature=0.0) != fp
+
+
+def test_duplicate_record_ids_name_both_lines(tmp_path):
+    data = tmp_path / "dup.jsonl"
+    recs = [{"id": "x", "question": "q1", "answer": "a"}, {"id": "y", "question": "q2",
+            "answer": "b"}, {"id": "x", "question": "q3", "answer": "c"}]  # fmt: skip
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(ValueError, match=r"dup.jsonl: record id 'x' on line 3 repeats line 1"):
+        read_records(load_task(data))

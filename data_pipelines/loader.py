@@ -36,6 +36,7 @@ import numpy as np
 
 from data_pipelines.packing import PackConfig, Packer, PackStats, empty_rows, write_row
 from data_pipelines.sample import POLICIES, BadSample, Reason, Sample
+from data_pipelines.sources import ERROR_KEY
 from lov_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,14 @@ class LoaderConfig:
     def __post_init__(self):
         if self.on_error not in POLICIES:
             raise ValueError(f"on_error {self.on_error!r} not in {POLICIES}")
+        for name, low in (("batch_size", 1), ("max_tokens", 2), ("max_crops", 0), ("window", 1),
+                          ("num_workers", 0), ("worker_buffer_size", 1), ("read_threads", 1),
+                          ("read_buffer", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"loader {name}={value!r}: must be an int >= {low}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"loader num_epochs={self.num_epochs!r}: >= 1 or None (forever)")
 
     @property
     def pack(self) -> PackConfig:
@@ -99,6 +108,8 @@ class ProcessFn:
 
     def __call__(self, record: Any) -> Sample | Skipped:
         try:
+            if isinstance(record, dict) and ERROR_KEY in record:  # a line the source could not read
+                raise BadSample(Reason.MALFORMED_RECORD, f"malformed_record: {record[ERROR_KEY]}")
             return self.fn(record)
         except BadSample as err:
             if self.on_error == "raise":
@@ -106,8 +117,16 @@ class ProcessFn:
             return Skipped(err.reason, str(err))
 
 
+class NoSamplesError(RuntimeError):
+    """A whole pass over the data gave no usable sample (every record skipped or too big):
+    training on it would loop forever on nothing. The message holds the skip table."""
+
+
 class PackedBatchIterator(grain.DatasetIterator):
-    """Pulls Samples from the parent, packs rows, emits batches of B rows."""
+    """Pulls Samples from the parent, packs rows, emits batches of B rows.
+
+    `epoch_size` (elements per pass of this shard): once that many have been pulled with
+    none usable, `NoSamplesError` with the skip table (never an endless loop)."""
 
     def __init__(
         self,
@@ -115,13 +134,17 @@ class PackedBatchIterator(grain.DatasetIterator):
         lookup: Callable[[int], Any] | None,
         cfg: ModelConfig,
         loader: LoaderConfig,
+        epoch_size: int | None = None,
+        name: str = "",
     ):
         super().__init__(parent)
         self._lookup, self._cfg, self._loader = lookup, cfg, loader
+        self._epoch_size, self._name = epoch_size, name
         self._pack = loader.pack
         self._packer = Packer(self._pack)
         self._next_index = 0  # stream index of the next parent element
         self._exhausted = False
+        self._first: dict[str, str] = {}  # reason -> first message (for NoSamplesError)
 
     @property
     def pack_stats(self) -> PackStats:
@@ -143,16 +166,38 @@ class PackedBatchIterator(grain.DatasetIterator):
         stats.samples_in += 1
         if isinstance(element, Skipped):
             stats.count_skip(element.reason)
+            self._first.setdefault(element.reason, element.message)
             if stats.skipped[element.reason] <= self._loader.log_first_skips:
                 log.warning("skipping sample: %s", element.message)
+        else:
+            reason = self._packer.add(element, key)
+            if reason is not None:
+                self._first.setdefault(
+                    reason, f"sample {element.id} ({element.source}): {element.num_tokens} "
+                    f"tokens, {element.num_crops} crops",
+                )  # fmt: skip
+            if reason is not None and stats.skipped[reason] <= self._loader.log_first_skips:
+                log.warning(
+                    "dropping sample %s: %s (%d tokens, %d crops; budgets L=%d, N=%d)",
+                    element.id, reason, element.num_tokens, element.num_crops,
+                    self._pack.max_tokens, self._pack.max_crops,
+                )  # fmt: skip
+        self._check_alive()
+
+    def _check_alive(self) -> None:
+        stats, size = self._packer.stats, self._epoch_size
+        usable = stats.samples_in - sum(stats.skipped.values())
+        if size is None or usable > 0 or stats.samples_in < size:
             return
-        reason = self._packer.add(element, key)
-        if reason is not None and stats.skipped[reason] <= self._loader.log_first_skips:
-            log.warning(
-                "dropping sample %s: %s (%d tokens, %d crops; budgets L=%d, N=%d)",
-                element.id, reason, element.num_tokens, element.num_crops,
-                self._pack.max_tokens, self._pack.max_crops,
-            )  # fmt: skip
+        table = "; ".join(
+            f"{reason} {n} (first: {self._first.get(reason, 'before a restore')})"
+            for reason, n in sorted(stats.skipped.items())
+        )
+        raise NoSamplesError(
+            f"no usable sample in a whole pass over the {size} records of "
+            f"{self._name or 'the data'} (row budgets L={self._pack.max_tokens} tokens, "
+            f"N={self._pack.max_crops} crops); skipped: {table}"
+        )
 
     def __next__(self) -> dict[str, np.ndarray]:
         b = self._loader.batch_size
@@ -206,12 +251,18 @@ class PackedBatchIterDataset(grain.IterDataset):
         cfg: ModelConfig,
         loader: LoaderConfig,
         lookup: Callable[[int], Any] | None = None,
+        epoch_size: int | None = None,
+        name: str = "",
     ):
         super().__init__(parent)
         self._cfg, self._loader, self._lookup = cfg, loader, lookup
+        self._epoch_size, self._name = epoch_size, name
 
     def __iter__(self) -> PackedBatchIterator:
-        return PackedBatchIterator(self._parent.__iter__(), self._lookup, self._cfg, self._loader)
+        return PackedBatchIterator(
+            self._parent.__iter__(), self._lookup, self._cfg, self._loader, self._epoch_size,
+            self._name,
+        )  # fmt: skip
 
     def __str__(self) -> str:
         p, b = self._loader.pack, self._loader.batch_size
@@ -226,6 +277,17 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
 def sample_dataset(
     records: Sequence[Any] | grain.MapDataset,
     process: Callable[[Any], Sample],
@@ -235,17 +297,14 @@ def sample_dataset(
     process_count: int | None = None,
 ) -> grain.MapDataset:
     """Shuffled, sharded, repeated MapDataset of Sample | Skipped (element k = stream k)."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    process_index, process_count = _shard(process_index, process_count)
     ds = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(records)
     if loader.shuffle:
         ds = ds.shuffle(seed=loader.seed)
     ds = ds[process_index::process_count]
+    if len(ds) == 0:  # else an endless (repeat) or an empty stream with no word why
+        shard = f" for process {process_index} of {process_count}" if process_count > 1 else ""
+        raise ValueError(f"no records{shard} in {_name(records)} ({len(records)} records in all)")
     if loader.num_epochs != 1:
         ds = ds.repeat(loader.num_epochs)
     return ds.map(ProcessFn(process, loader.on_error))
@@ -264,9 +323,11 @@ def make_dataset(
 
     process_index / process_count default to `jax.process_index()` / `process_count()`.
     """
+    process_index, process_count = _shard(process_index, process_count)
     map_ds = sample_dataset(
         records, process, loader, process_index=process_index, process_count=process_count
     )
+    epoch_size = len(range(process_index, len(records), process_count))  # one pass of the shard
     read = grain.ReadOptions(
         num_threads=loader.read_threads, prefetch_buffer_size=loader.read_buffer
     )
@@ -278,7 +339,15 @@ def make_dataset(
                 num_workers=loader.num_workers, per_worker_buffer_size=loader.worker_buffer_size
             )
         )
-    return PackedBatchIterDataset(stream, cfg, loader, lookup=map_ds.__getitem__)
+    return PackedBatchIterDataset(
+        stream, cfg, loader, lookup=map_ds.__getitem__, epoch_size=epoch_size, name=_name(records)
+    )
+
+
+def _name(records: Any) -> str:
+    from data_pipelines.sources import source_name
+
+    return "a MapDataset" if isinstance(records, grain.MapDataset) else source_name(records)
 
 
 def make_loader(

@@ -18,8 +18,10 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import difflib
 import glob
 import json
+import logging
 import math
 import os
 import random
@@ -32,6 +34,11 @@ import numpy as np
 
 SOURCE_KEY = "_source"
 INDEX_KEY = "_index"
+# A record a source could not read (a malformed jsonl line under policy "skip"): its
+# value is the message; loader.ProcessFn counts it as `skip/malformed_record`.
+ERROR_KEY = "_error"
+
+log = logging.getLogger(__name__)
 
 
 class RecordSource(Protocol):
@@ -104,15 +111,52 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for alt in match.group(1).split(",") for p in expand_braces(head + alt + tail)]
 
 
-def read_json_records(path: str | Path) -> list[dict]:
-    """A json list (or a single object) or jsonl file -> list of dicts."""
+def _bad_line(path: str, line: int, why: str, on_error: str) -> dict:
+    """A malformed line: one error naming file:line, or (policy "skip") a placeholder
+    record the loader counts as `skip/malformed_record` (loader.ProcessFn)."""
+    message = f"{path}:{line}: {why}"
+    if on_error == "raise":
+        raise ValueError(message)
+    return {ERROR_KEY: message}
+
+
+def read_json_records(path: str | Path, on_error: str = "raise") -> list[dict]:
+    """A json list (or a single object) or jsonl file -> list of dicts.
+
+    A jsonl line that is not JSON or not an object: on_error "raise" is one ValueError
+    naming file:line; "skip" keeps a placeholder (`ERROR_KEY`) in its place, so the
+    loader counts it under `skip/malformed_record` and every other line keeps its index.
+    A .json file that does not parse is one error naming file:line:column."""
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error {on_error!r} not in ('skip', 'raise')")
     path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    records: list[dict] = []
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            records = [json.loads(line) for line in f if line.strip()]
-        else:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    why = f"invalid JSON ({err.msg}, column {err.colno})"
+                    records.append(_bad_line(path, line_no, why, on_error))
+                    continue
+                if not isinstance(record, dict):
+                    why = f"a JSON {type(record).__name__}, not an object"
+                    record = _bad_line(path, line_no, why, on_error)
+                records.append(record)
+            bad = [r[ERROR_KEY] for r in records if ERROR_KEY in r]
+            if bad:
+                log.warning("%d malformed line(s) will be skipped, first: %s", len(bad), bad[0])
+            return records
+        try:
             data = json.load(f)
-            records = data if isinstance(data, list) else [data]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+    records = data if isinstance(data, list) else [data]
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: record {i} is a {type(r).__name__}, not an object")
@@ -129,13 +173,14 @@ class JsonSource:
         video_folder: str | None = None,
         sampling_strategy: str | None = "all",
         seed: int = 0,
+        on_error: str = "raise",
     ):
         paths = [path] if isinstance(path, (str, Path)) else list(path)
         files = [f for p in paths for f in expand_braces(str(p))]
         self.records: list[dict] = []
         self.origin: list[tuple[str, int]] = []
         for f in files:
-            recs = read_json_records(f)
+            recs = read_json_records(f, on_error)
             self.records += recs
             self.origin += [(f, i) for i in range(len(recs))]
         self.indices = apply_sampling_strategy(len(self.records), sampling_strategy, seed)
@@ -246,46 +291,111 @@ class Mixture:
         return self.concat() if self.weights is None else self.weighted(seed=seed)
 
 
+PATH_KEYS = ("json_path", "parquet_path", "array_record_path")
+ENTRY_KEYS = (*PATH_KEYS, "sampling_strategy", "weight", "image_folder", "video_folder")
+
+
+def _unknown(what: str, key: Any, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {key!r}{hint}; known: {', '.join(known)}"
+
+
+def _check_entry(entry: Any, where: str) -> str:
+    """Validate one `datasets` entry up front; returns its path key."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with json_path, got {entry!r}")
+    for key in entry:
+        if key not in ENTRY_KEYS:
+            raise ValueError(f"{where}: {_unknown('key', key, ENTRY_KEYS)}")
+    given = [k for k in PATH_KEYS if k in entry]
+    if len(given) != 1:
+        raise ValueError(f"{where}: give exactly one of {', '.join(PATH_KEYS)} (got {given})")
+    key = given[0]
+    if not isinstance(entry[key], str) or not entry[key]:
+        raise ValueError(f"{where}: {key} must be a path string, got {entry[key]!r}")
+    for name in ("image_folder", "video_folder"):
+        if name in entry and not isinstance(entry[name], str):
+            raise ValueError(f"{where}: {name} must be a path string, got {entry[name]!r}")
+    weight = entry.get("weight")
+    if "weight" in entry and (
+        isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0
+    ):
+        raise ValueError(f"{where}: weight must be a number >= 0, got {weight!r}")
+    strategy = entry.get("sampling_strategy", "all")
+    try:
+        apply_sampling_strategy(1, strategy)
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(
+            f"{where}: sampling_strategy {strategy!r} is not all | first:N | end:N | "
+            "random:N (N an int or P%)"
+        ) from None
+    if key == "json_path":
+        for f in expand_braces(entry[key]):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{where}: json_path file not found: {f}")
+    return key
+
+
 def load_yaml_mixture(
     path: str | Path,
     image_folder: str | None = None,
     video_folder: str | None = None,
     seed: int = 0,
+    on_error: str = "raise",
 ) -> Mixture:
     """LLaVA-NeXT data yaml: `datasets: [{json_path, sampling_strategy}]`.
 
     Optional per-entry keys (extensions): `weight`, `image_folder`, `video_folder`
     (override the arguments), and `parquet_path` / `array_record_path` instead of
     `json_path`. Relative paths in the yaml are taken as written (orig), i.e. relative
-    to the working directory. Either every entry has a weight or none.
+    to the working directory. Either every entry has a weight or none. Every entry is
+    checked before any is read: an unknown key (`ENTRY_KEYS`), a bad value or a missing
+    file is one error naming the yaml, the entry and the field. `on_error`: jsonl lines
+    (read_json_records).
     """
     import yaml
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data yaml not found: {path}")
     with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f)
+        try:
+            spec = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if isinstance(spec, dict):
+        for key in spec:
+            if key != "datasets":
+                raise ValueError(f"{path}: {_unknown('top-level key', key, ('datasets',))}")
     entries = spec.get("datasets") if isinstance(spec, dict) else None
-    if not entries:
+    if not entries or not isinstance(entries, list):
         raise ValueError(f"{path}: expected `datasets: [{{json_path, sampling_strategy}}, ...]`")
+    where = [f"{path}: datasets[{k}]" for k in range(len(entries))]
+    keys = [_check_entry(entry, w) for entry, w in zip(entries, where, strict=True)]
+    given = ["weight" in entry for entry in entries]
+    if any(given) and not all(given):
+        raise ValueError(f"{path}: give a weight to every dataset entry or to none")
     sources, weights = [], []
-    for k, entry in enumerate(entries):
+    for k, (entry, key) in enumerate(zip(entries, keys, strict=True)):
         img = entry.get("image_folder", image_folder)
         vid = entry.get("video_folder", video_folder)
         strategy = entry.get("sampling_strategy", "all")
-        if "json_path" in entry:
-            src: RecordSource = JsonSource(entry["json_path"], img, vid, strategy, seed + k)
-        elif "parquet_path" in entry:
-            src = ParquetSource(entry["parquet_path"], img, vid)
-        elif "array_record_path" in entry:
-            src = ArrayRecordSource(entry["array_record_path"], img, vid)
-        else:
-            raise ValueError(f"{path}: dataset entry {k} has no json_path")
+        try:
+            if key == "json_path":
+                src: RecordSource = JsonSource(
+                    entry[key], img, vid, strategy, seed + k, on_error=on_error
+                )
+            elif key == "parquet_path":
+                src = ParquetSource(entry[key], img, vid)
+            else:
+                src = ArrayRecordSource(entry[key], img, vid)
+        except (OSError, ValueError) as err:
+            cls = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+            raise cls(f"{where[k]} ({key} {entry[key]}): {err}") from err
         if strategy not in (None, "all") and not isinstance(src, JsonSource):
             src = SubsetSource(src, apply_sampling_strategy(len(src), strategy, seed + k))
         sources.append(src)
         weights.append(entry.get("weight"))
-    given = [w is not None for w in weights]
-    if any(given) and not all(given):
-        raise ValueError(f"{path}: give a weight to every dataset entry or to none")
     return Mixture(sources, [float(w) for w in weights] if all(given) else None)
 
 
@@ -294,17 +404,35 @@ def open_source(
     image_folder: str | None = None,
     video_folder: str | None = None,
     seed: int = 0,
+    on_error: str = "raise",
 ) -> RecordSource:
     """A `data_path` as orig takes it (json, jsonl, `{a,b}.json`, yaml) plus parquet and
-    ArrayRecord files (`*.parquet`, `*.array_record*`, globs allowed for those)."""
+    ArrayRecord files (`*.parquet`, `*.array_record*`, globs allowed for those).
+
+    `on_error` is the loader's bad-input policy, applied to malformed jsonl lines."""
     p = str(path)
+    if not p:
+        raise ValueError("no data path given (data.train_path is empty)")
     if p.endswith((".yaml", ".yml")):
-        return load_yaml_mixture(p, image_folder, video_folder, seed).source(seed)
+        return load_yaml_mixture(p, image_folder, video_folder, seed, on_error).source(seed)
     if p.endswith(".parquet") or (os.path.isdir(p) and glob.glob(os.path.join(p, "*.parquet"))):
         return ParquetSource(p, image_folder, video_folder)
     if ".array_record" in p:
         return ArrayRecordSource(p, image_folder, video_folder)
-    return JsonSource(p, image_folder, video_folder)
+    return JsonSource(p, image_folder, video_folder, on_error=on_error)
+
+
+def source_name(source: Any) -> str:
+    """The file(s) a source reads, for messages."""
+    if isinstance(source, JsonSource | TfdsSource):
+        return source.name
+    if isinstance(source, ParquetSource | ArrayRecordSource):
+        return ",".join(source.files)
+    if isinstance(source, ConcatSource | WeightedSource):
+        return "+".join(source_name(s) for s in source.sources)
+    if isinstance(source, SubsetSource):
+        return source_name(source.source)
+    return repr(source)
 
 
 class SubsetSource:
@@ -336,6 +464,23 @@ def _glob_files(path: str | Path | Sequence[str | Path], suffix: str) -> list[st
     return files
 
 
+# The record layouts a parquet may hold: LLaVA records, or DPO pairs (lov_jax/post/dpo.py).
+PARQUET_LAYOUTS = (("conversations",), ("prompt", "chosen", "rejected"))
+
+
+def _check_columns(file: str, columns: Sequence[str]) -> None:
+    """A file-level error when no record layout's columns are all present (otherwise every
+    row would be skipped as malformed)."""
+    if any(all(c in columns for c in layout) for layout in PARQUET_LAYOUTS):
+        return
+    missing = [c for c in PARQUET_LAYOUTS[0] if c not in columns]
+    raise ValueError(
+        f"{file}: parquet has no column {', '.join(map(repr, missing))} (LLaVA records need "
+        f"{list(PARQUET_LAYOUTS[0])}, DPO pairs {list(PARQUET_LAYOUTS[1])}); its columns: "
+        f"{', '.join(columns) or 'none'}"
+    )
+
+
 class ParquetSource:
     """Parquet with embedded images: columns `id`, `image` (struct {bytes, path} or
     binary; null for text-only), `conversations` (list of {from, value}); any other
@@ -362,7 +507,14 @@ class ParquetSource:
         self._file_starts = []
         for fi, f in enumerate(self.files):
             self._file_starts.append(starts[-1])
-            meta = pq.ParquetFile(f).metadata
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"parquet file not found: {f}")
+            try:
+                handle = pq.ParquetFile(f)
+            except Exception as err:  # pyarrow's ArrowInvalid & co: not a parquet file
+                raise ValueError(f"{f}: cannot read as parquet ({err})") from None
+            _check_columns(f, handle.schema_arrow.names)
+            meta = handle.metadata
             for g in range(meta.num_row_groups):
                 self._groups.append((fi, g))
                 starts.append(starts[-1] + meta.row_group(g).num_rows)

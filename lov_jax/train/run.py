@@ -63,7 +63,7 @@ def make_data(config, cfg: ModelConfig, tokenizer):
     data = config.data
     recs = sources.open_source(
         data.train_path, image_folder=data.image_folder or None,
-        video_folder=data.video_folder or None, seed=data.seed,
+        video_folder=data.video_folder or None, seed=data.seed, on_error=data.skip_policy,
     )  # fmt: skip
     lc = loader.LoaderConfig(
         batch_size=data.rows_per_host, max_tokens=data.seq_len, max_crops=data.max_crops,
@@ -84,7 +84,8 @@ def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int
 
     data = config.data
     recs = sources.open_source(data.train_path, image_folder=data.image_folder or None,
-                               video_folder=data.video_folder or None, seed=data.seed)  # fmt: skip
+                               video_folder=data.video_folder or None, seed=data.seed,
+                               on_error=data.skip_policy)  # fmt: skip
     probe = min(256, len(recs))
     lc = loader.LoaderConfig(
         batch_size=1, max_tokens=data.seq_len, max_crops=data.max_crops, seed=data.seed,

@@ -12,6 +12,7 @@ differentiated input, autodiff also treats its output as a constant
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import optax
@@ -34,12 +35,30 @@ def group_of(path: tuple[str, ...], newline_group: str = "llm") -> str:
     raise ValueError(f"parameter {'/'.join(path)} belongs to no optimizer group")
 
 
+def check_groups(optim) -> None:
+    """Every group name the config gives is a known group (a typo would silently freeze
+    that group): `optim.trainable` and `optim.newline_group`."""
+    trainable = optim.trainable
+    if isinstance(trainable, str) or not all(isinstance(g, str) for g in trainable):
+        raise ValueError(f"optim.trainable={trainable!r}: a tuple of group names from {GROUPS}")
+    for field, names in (
+        ("trainable", tuple(trainable)),
+        ("newline_group", (optim.newline_group,)),
+    ):
+        for name in names:
+            if name not in GROUPS:
+                close = difflib.get_close_matches(name, GROUPS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"optim.{field}: unknown optimizer group {name!r}{hint}; the groups are "
+                    f"{', '.join(GROUPS)}"
+                )
+
+
 def param_labels(params, optim) -> dict[tuple[str, ...], str]:
     """{flat path: group label or 'frozen'} for every leaf of the nested params."""
+    check_groups(optim)
     trainable = set(optim.trainable)
-    unknown = trainable - set(GROUPS)
-    if unknown:
-        raise ValueError(f"optim.trainable has unknown groups {sorted(unknown)}; use {GROUPS}")
     labels = {}
     for path in traverse_util.flatten_dict(params):
         group = group_of(path, optim.newline_group)

@@ -24,7 +24,7 @@ import numpy as np
 
 from lov_jax import architectures
 from lov_jax.config import ModelConfig
-from lov_jax.convert import io_utils, orbax_io
+from lov_jax.convert import io_utils, numerics, orbax_io
 from lov_jax.convert.hf_keys import CheckpointError, hf_entries, unused_fill
 from lov_jax.convert.safetensors_io import (
     _NAMES,
@@ -161,6 +161,7 @@ def orbax_to_hf(
     assets: str | Path | None = None,
     layout: str = "hf",
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> io_utils.RunStats:
     """Export an Orbax checkpoint (converted, or a training run's latest / `step`) to HF.
 
@@ -171,7 +172,9 @@ def orbax_to_hf(
     `dtype` casts the tensors (default: the stored dtype; training stores fp32).
     `assets`: a directory to take tokenizer/processor files from instead of the
     checkpoint's own `assets/`. Raises one CheckpointError listing every problem
-    before writing anything.
+    before writing anything; a tensor with NaN / inf or with values `dtype` cannot hold
+    is one too, naming each, and nothing appears at `out` (`allow_nonfinite`: a warning
+    each, `numerics.NumberCheck`).
     """
     ckpt, out = Path(ckpt).absolute(), Path(out).absolute()
     stats = io_utils.RunStats("orbax-to-hf")
@@ -209,15 +212,19 @@ def orbax_to_hf(
     ]
     fill = unused_fill(cfg, layout, next(iter(out_dtype.values())))
     plan += [(name, x.dtype, x.shape) for name, x in fill.items()]
+    check = numerics.NumberCheck(None, allow_nonfinite)
     with io_utils.atomic_output(out, overwrite) as tmp:
         tmp.mkdir()
         writer = _Writers(tmp, plan, max_shard_size, layout)
         try:
             with io_utils.progress(len(entries), "orbax-to-hf", progress) as bar:
                 for path, group in itertools.groupby(entries, key=lambda e: e[1]):
-                    leaf = orbax_io.restore_leaf(step_dir, path, out_dtype[path])
-                    for name, _, layer, tf in group:
+                    leaf = orbax_io.restore_leaf(step_dir, path)  # stored dtype: checked,
+                    for name, _, layer, tf in group:  # then cast per HF tensor
                         y = tf.to_hf(leaf if layer is None else leaf[layer])
+                        check(name, y, out_dtype[path])
+                        with np.errstate(over="ignore"):  # named by `check`
+                            y = y.astype(out_dtype[path], copy=False)
                         writer.write(name, y)
                         stats.tensors += 1
                         stats.bytes += y.nbytes
@@ -229,6 +236,7 @@ def orbax_to_hf(
                 stats.bytes += x.nbytes
         finally:
             writer.close_file()
+        check.finish(f"cannot export {ckpt}")
         writer.write_index()
         dtypes = set(out_dtype.values())
         dt = dtypes.pop() if len(dtypes) == 1 else np.float32

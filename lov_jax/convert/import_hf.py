@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lov_jax.config import ModelConfig
-from lov_jax.convert import io_utils, orbax_io
+from lov_jax.convert import io_utils, numerics, orbax_io
 from lov_jax.convert.hf_keys import CheckpointError, check_hf_shapes, flatten, hf_to_params
 from lov_jax.convert.safetensors_io import hf_model_config, read_hf_dir
 
@@ -31,12 +31,14 @@ class _Counted(Mapping):
     Thread-safe: `hf_to_params` reads from several threads.
     """
 
-    def __init__(self, tensors: Mapping, bar, stats: io_utils.RunStats):
-        self._t, self._bar, self._stats = tensors, bar, stats
+    def __init__(self, tensors: Mapping, bar, stats: io_utils.RunStats, check=None):
+        self._t, self._bar, self._stats, self._check = tensors, bar, stats, check
         self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> np.ndarray:
         x = self._t[name]
+        if self._check is not None:
+            self._check(name, x)
         with self._lock:
             self._stats.tensors += 1
             self._stats.bytes += x.nbytes
@@ -94,6 +96,7 @@ def hf_to_orbax(
     mesh: str | Any = None,
     overwrite: bool = False,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> io_utils.RunStats:
     """Convert an HF (llava-hf, transformers 5) or original LLaVA dir into an Orbax
     checkpoint at `out` (orbax_io layout).
@@ -101,7 +104,9 @@ def hf_to_orbax(
     `dtype` (float32/bfloat16/float16) casts the params; default keeps the file's dtype.
     `mesh`: a Mesh or a `--mesh` value ("fsdp=4,tensor=2", `sharding.MESH_HELP`) to place
     (and save) the params sharded.
-    Raises one CheckpointError listing every problem before writing anything.
+    Raises one CheckpointError listing every problem before writing anything; a tensor
+    with NaN / inf, or with values `dtype` cannot hold, is one too, named, before the
+    output appears (`allow_nonfinite`: a warning each, `numerics.NumberCheck`).
     """
     hf_dir, out = Path(hf_dir).absolute(), Path(out).absolute()
     stats = io_utils.RunStats("hf-to-orbax")
@@ -116,11 +121,13 @@ def hf_to_orbax(
         mesh = mesh_from_flag(mesh)
 
     used = sum(1 for k in tensors if not k.endswith("rotary_emb.inv_freq"))
+    check = numerics.NumberCheck(dtype, allow_nonfinite)
     with io_utils.atomic_output(out, overwrite) as tmp:
         with io_utils.progress(used, "hf-to-orbax", progress) as bar:
             params = hf_to_params(
-                _Counted(tensors, bar, stats), cfg, dtype=dtype, tower_layers=depth
+                _Counted(tensors, bar, stats, check), cfg, dtype=dtype, tower_layers=depth
             )
+        check.finish(f"cannot convert {hf_dir}")
         if mesh is not None:
             params = _to_mesh(params, cfg, mesh)
         orbax_io.save_checkpoint(tmp, params, cfg, assets_from=hf_dir)

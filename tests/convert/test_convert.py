@@ -259,10 +259,12 @@ def test_failed_export_leaves_nothing(orbax_ckpt, tmp_path, monkeypatch):
     # with --overwrite, a failure keeps the old output as it was
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
+    (tmp_path / "out" / io_utils.MARKER).write_text("{}")  # an earlier conversion's output
     calls.clear()
     with pytest.raises(OSError, match="simulated"):
         orbax_to_hf(orbax_ckpt, tmp_path / "out", overwrite=True, progress=False)
-    assert os.listdir(tmp_path / "out") == ["keep.txt"] and _no_leftovers(tmp_path, "out")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([io_utils.MARKER, "keep.txt"])
+    assert _no_leftovers(tmp_path, "out")
     assert _tree_snapshot(orbax_ckpt) == before
 
 

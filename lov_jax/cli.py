@@ -49,6 +49,7 @@ def _check_parity(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lov-jax", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="embedded end-to-end run on CPU")
@@ -76,13 +77,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_HELP = "on an error, raise it with its traceback (anywhere on the command line)"
+# Errors whose message is the whole story (they name the file / field / line themselves);
+# any other exception is also prefixed with its type.
+_USER_ERRORS = (ValueError, OSError, LookupError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one `error: <what>, <where>` text every command prints for a failure."""
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, _USER_ERRORS) and not isinstance(e, (KeyError, IndexError)):
+        return f"error: {msg}"
+    return f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure prints `error: ...` on stderr and returns non-zero; the
+    traceback only with `--debug`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as e:
+        if debug or not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - every command's failures end here, one style
+        if debug:
+            raise
+        print(error_line(e), file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import sys
-
 from lov_jax.sharding import MESH_HELP
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _LAYOUTS = ("hf", "hf_legacy", "original")  # export.LAYOUTS_OUT (imported lazily there)
+_OVERWRITE_HELP = "replace an existing --out that an earlier conversion wrote"
+_NONFINITE_HELP = (
+    "convert tensors with NaN / inf or values outside --dtype's range (a warning each; "
+    "default: an error naming them)"
+)
 
 
 def _report(convert, *args, **kwargs) -> int:
-    """Run one conversion; print its summary line, or its one error (exit 1)."""
-    from lov_jax.convert.hf_keys import CheckpointError
-
-    try:
-        stats = convert(*args, **kwargs)
-    except (CheckpointError, ValueError) as e:  # CheckpointError lists every problem
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """Run one conversion and print its summary line (a failure: `lov_jax.cli.main` prints
+    its one `error:`; a CheckpointError lists every problem)."""
+    stats = convert(*args, **kwargs)
     print(stats.line(), flush=True)
     return 0
 
@@ -29,6 +27,7 @@ def _hf_to_orbax(args) -> int:
     return _report(
         hf_to_orbax, args.hf, args.out, dtype=args.dtype, mesh=args.mesh,
         overwrite=args.overwrite, progress=not args.no_progress,
+        allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
 
 
@@ -39,6 +38,7 @@ def _orbax_to_hf(args) -> int:
         orbax_to_hf, args.ckpt, args.out, step=args.step, dtype=args.dtype,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, assets=args.assets,
         layout=args.layout, progress=not args.no_progress,
+        allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
 
 
@@ -54,7 +54,8 @@ def add_commands(subparsers) -> None:
     a.add_argument("--out", required=True, help="new Orbax checkpoint directory")
     a.add_argument("--dtype", choices=_DTYPES, default=None, help="cast (default: keep)")
     a.add_argument("--mesh", default=None, help=f"{MESH_HELP}; params placed and saved sharded")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    a.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.set_defaults(func=_hf_to_orbax)
 
@@ -70,7 +71,8 @@ def add_commands(subparsers) -> None:
         help="hf: what transformers 5 writes; hf_legacy: llava-hf hub names; original: a "
         "haotian-liu / LLaVA-VL checkpoint (flat config.json, tower in vision_tower/)",
     )  # fmt: skip
-    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    b.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    b.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_orbax_to_hf)
 

@@ -47,8 +47,11 @@ def test_check_parity_exits_nonzero_above_tolerance(hf_dir, capsys):
     assert "parity: FAIL" in capsys.readouterr().out
 
 
-def test_check_parity_names_unreadable_image(hf_dir, tmp_path):
+def test_check_parity_names_unreadable_image(hf_dir, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="broken.png"):
-        cli.main(["check-parity", "--hf", str(hf_dir), "--image", str(bad)])
+    assert cli.main(["check-parity", "--hf", str(hf_dir), "--image", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "broken.png" in err
+    with pytest.raises(ValueError, match="broken.png"):  # --debug: the exception itself
+        cli.main(["check-parity", "--hf", str(hf_dir), "--image", str(bad), "--debug"])

@@ -131,8 +131,8 @@ def test_overrides_parse_like_the_field():
 def test_train_cli_refuses_a_typo_before_training(tmp_path):
     from lov_jax.cli import main
 
-    with pytest.raises(UnknownConfigField, match="train.lerning_rate"):
-        main(["train", "--config", f"{ROOT}/configs/stage1.py:tiny", "--workdir",
+    with pytest.raises(UnknownConfigField, match="train.lerning_rate"):  # --debug: raised
+        main(["--debug", "train", "--config", f"{ROOT}/configs/stage1.py:tiny", "--workdir",
               str(tmp_path / "w"), "--config.train.lerning_rate=1"])  # fmt: skip
     assert not (tmp_path / "w").exists()
 

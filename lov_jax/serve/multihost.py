@@ -5,26 +5,60 @@ must make the same jitted calls with the same host inputs. Process 0's scheduler
 to a `PodDecoder`, which broadcasts each call (join with its prompt, step, release,
 close) before running it; the other processes `follow`: receive, run, repeat. A call is
 a fixed int64[4] header, (op, row, payload bytes, 0) (op IDLE: a keep-alive while
-process 0 waits for requests), then for a join its pickled
-(prompt, max_new, knobs) as uint8, padded to a power of two so the broadcast compiles
-once per size class (`jax.experimental.multihost_utils.broadcast_one_to_all`).
+process 0 waits for requests), then for a join its (prompt, max_new, knobs) as uint8
+(`encode_join`: a JSON header and an .npz of the arrays, loaded with allow_pickle=False;
+no pickle), padded to a power of two so the broadcast compiles once per size class
+(`jax.experimental.multihost_utils.broadcast_one_to_all`).
 """
 
 from __future__ import annotations
 
-import pickle
+import dataclasses
+import io
+import json
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lov_jax.inference.engine import PromptInputs
 from lov_jax.inference.slots import Knobs, SlotDecoder
+from lov_jax.visual_layout import VisualItem
 
 JOIN, STEP, RELEASE, CLOSE, IDLE = 1, 2, 3, 4, 5
 
 
 def is_pod() -> bool:
     return jax.process_count() > 1
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def encode_join(prompt: PromptInputs, max_new: int, knobs: Knobs) -> bytes:
+    """A join's arguments as bytes: u64 JSON length | JSON (max_new, knobs, items) | npz."""
+    meta = {
+        "max_new": int(max_new),
+        "knobs": dataclasses.asdict(knobs),
+        "items": [{f.name: _plain(getattr(i, f.name)) for f in dataclasses.fields(i)}
+                  for i in prompt.items],
+    }  # fmt: skip
+    head = json.dumps(meta).encode()
+    arrays = io.BytesIO()
+    np.savez(arrays, tokens=np.asarray(prompt.tokens), crops=np.asarray(prompt.crops))
+    return len(head).to_bytes(8, "little") + head + arrays.getvalue()
+
+
+def decode_join(payload: bytes) -> tuple[PromptInputs, int, Knobs]:
+    """Inverse of `encode_join`."""
+    n = int.from_bytes(payload[:8], "little")
+    meta = json.loads(payload[8 : 8 + n])
+    with np.load(io.BytesIO(payload[8 + n :]), allow_pickle=False) as z:
+        tokens, crops = z["tokens"], z["crops"]
+    items = [VisualItem(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+             for d in meta["items"]]  # fmt: skip
+    return PromptInputs(tokens, crops, items), int(meta["max_new"]), Knobs(**meta["knobs"])
 
 
 def _broadcast(header: np.ndarray, payload: bytes | None = None):
@@ -50,7 +84,7 @@ class PodDecoder:
         return self.decoder.capacity_error(prompt, max_new)
 
     def join(self, row: int, prompt, max_new: int, knobs: Knobs) -> int:
-        payload = pickle.dumps((prompt, max_new, knobs))
+        payload = encode_join(prompt, max_new, knobs)
         _broadcast(np.array([JOIN, row, len(payload), 0], np.int64), payload)
         return self.decoder.join(row, prompt, max_new, knobs)
 
@@ -77,7 +111,7 @@ def follow(decoder: SlotDecoder) -> int:
         header, payload = _broadcast(np.zeros(4, np.int64))
         op, row = int(header[0]), int(header[1])
         if op == JOIN:
-            prompt, max_new, knobs = pickle.loads(payload)  # noqa: S301 - process 0's own bytes
+            prompt, max_new, knobs = decode_join(payload)
             decoder.join(row, prompt, max_new, knobs)
         elif op == STEP:
             decoder.step()

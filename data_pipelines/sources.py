@@ -597,7 +597,14 @@ class ArrayRecordSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        record = decode_record_bytes(self._source[index])
+        try:
+            record = decode_record_bytes(self._source[index])
+        except Exception as err:  # msgpack's errors: a damaged record is a counted skip
+            where = f"{','.join(self.files)}[{index}]"
+            return {ERROR_KEY: f"{where}: cannot decode record ({err})", INDEX_KEY: int(index)}
+        if not isinstance(record, dict):
+            where = f"{','.join(self.files)}[{index}]"
+            return {ERROR_KEY: f"{where}: record is a {type(record).__name__}, not a map"}
         record = resolve_media(record, self.image_folder, self.video_folder)
         record.setdefault(SOURCE_KEY, ",".join(self.files))
         record.setdefault(INDEX_KEY, int(index))
@@ -647,7 +654,11 @@ class TfdsSource:
                 value = value.decode("utf-8")
             record[key] = value
         if isinstance(record.get("conversations"), str):
-            record["conversations"] = json.loads(record["conversations"])
+            try:
+                record["conversations"] = json.loads(record["conversations"])
+            except json.JSONDecodeError as err:  # one bad example is a counted skip
+                why = f"{self.name}[{index}]: conversations is not JSON ({err.msg})"
+                return {ERROR_KEY: why, SOURCE_KEY: self.name, INDEX_KEY: int(index)}
         for key in ("image", "video"):
             if key in record and (record[key] is None or record[key] in (b"", "")):
                 del record[key]

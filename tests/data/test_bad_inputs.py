@@ -271,3 +271,23 @@ def test_truncated_image_and_zero_frame_video_name_the_file(tmp_path, cfg, tok):
     either = r"(corrupt_image: record 'img'.*trunc\.png|empty_video: record 'vid'.*zero\.mp4)"
     with pytest.raises(BadSample, match=either):
         next(it)
+
+
+def test_undecodable_array_record_is_a_counted_skip(tmp_path, cfg, tok):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    good = {"id": "ok", "conversations": _conv("Hi?", "Hello.")}
+    w = ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+    for data in (
+        sources.encode_record_bytes(good),
+        b"\xc1 not msgpack",
+        sources.encode_record_bytes([1]),
+    ):
+        w.write(data)
+    w.close()
+    src = sources.open_source(tmp_path / "d.array_record")
+    it = _loader(src, cfg, tok, epochs=1)
+    assert len(list(it)) == 1
+    assert (it.stats()["samples_packed"], it.stats()["skip/malformed_record"]) == (1, 2)
+    with pytest.raises(BadSample, match=r"d\.array_record\[1\]: cannot decode record"):
+        loader.ProcessFn(_process(cfg, tok), "raise")(src[1])

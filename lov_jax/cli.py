@@ -78,15 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_HELP = "on an error, raise it with its traceback (anywhere on the command line)"
-# Errors whose message is the whole story (they name the file / field / line themselves);
-# any other exception is also prefixed with its type.
-_USER_ERRORS = (ValueError, OSError, LookupError)
+# Errors whose message is the whole story (they name the file / field / line themselves):
+# ValueError / OSError and every exception class defined in this repo's packages; any
+# other exception is also prefixed with its type.
+_USER_ERRORS = (ValueError, OSError)
+_OWN_PACKAGES = ("lov_jax", "data_pipelines")
 
 
 def error_line(e: BaseException) -> str:
     """The one `error: <what>, <where>` text every command prints for a failure."""
     msg = str(e).strip() or type(e).__name__
-    if isinstance(e, _USER_ERRORS) and not isinstance(e, (KeyError, IndexError)):
+    own = type(e).__module__.split(".")[0] in _OWN_PACKAGES
+    if own or isinstance(e, _USER_ERRORS):
         return f"error: {msg}"
     return f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)"
 

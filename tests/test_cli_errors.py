@@ -78,3 +78,5 @@ def test_unexpected_errors_name_their_type():
     line = cli.error_line(ZeroDivisionError("division by zero"))
     assert line.startswith("error: ZeroDivisionError: division by zero") and "--debug" in line
     assert cli.error_line(KeyError("k")).startswith("error: KeyError: 'k'")
+    own = type("HeldError", (RuntimeError,), {"__module__": "lov_jax.workdir_lock"})
+    assert cli.error_line(own("w is locked by pid 7")) == "error: w is locked by pid 7"

@@ -117,9 +117,10 @@ class ProcessFn:
             return Skipped(err.reason, str(err))
 
 
-class NoSamplesError(RuntimeError):
+class NoSamplesError(ValueError):
     """A whole pass over the data gave no usable sample (every record skipped or too big):
-    training on it would loop forever on nothing. The message holds the skip table."""
+    training on it would loop forever on nothing. The message holds the skip table (a
+    ValueError: the message is the whole story, as for other bad inputs)."""
 
 
 class PackedBatchIterator(grain.DatasetIterator):

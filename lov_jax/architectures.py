@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lov_jax.config import ANYRES_GRID_PINPOINTS, NEXT_GRID_PINPOINTS, ModelConfig
+from lov_jax.config_types import check_config_json
 
 # architecture -> (config.json model_type, transformers class)
 HF_NAMES: dict[str, tuple[str, str]] = {
@@ -215,6 +216,7 @@ def from_hf_config(
         source = "config.json" if checkpoint_dir is None else str(checkpoint_dir / "config.json")
     if not isinstance(hf, dict):
         raise ValueError(f"{source}: not a JSON object")
+    check_config_json(hf, source)  # field types, before any is read
     if is_original(hf):
         return _from_original(hf, source, checkpoint_dir, overrides)
     arch = architecture_of(hf, source)

@@ -101,7 +101,9 @@ def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int
 
 def train_from_config(config, workdir: str | Path, progress: bool = True) -> TrainResult:
     from data_pipelines.hf_processor import save_hf_processor_files
+    from lov_jax.train.optimizer import check_groups
 
+    check_groups(config.optim)  # a typo in a group name, before anything is loaded
     workdir = Path(workdir)
     cfg, params = model_from_config(config)
     tokenizer = load_tokenizer_for(config)

@@ -27,9 +27,11 @@ import pytest
 
 from configs import common, dpo, lora, stage1, stage1_5, stage2_ov, stage2_si
 from lov_jax.testing import config_reads
+from lov_jax.token_ids import TokenIds
 from lov_jax.train import optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
+IDS = TokenIds(pad=0, eos=(2,), image=5, video=6)  # inside every tiny vocabulary
 CODE = sorted(
     f
     for d in ("lov_jax", "data_pipelines")
@@ -156,3 +158,46 @@ def test_train_refuses_a_group_typo_before_loading(tmp_path):
     c = apply_overrides(c, ["--config.optim.newline_group=lm"])
     with pytest.raises(ValueError, match=r"newline_group: unknown optimizer group 'lm'"):
         train_from_config(c, tmp_path / "w")
+    assert not (tmp_path / "w" / "assets").exists()  # stopped before loading the model
+
+
+# ---- config.json field types -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "preset, section, field, value, kind",
+    [
+        ("tiny", "text_config", "hidden_size", "48", "int, got str"),
+        ("tiny", "text_config", "rope_theta", [1e6], "number, got list"),
+        ("tiny", "text_config", "tie_word_embeddings", "yes", "bool, got str"),
+        ("tiny", "vision_config", "layer_norm_eps", "1e-6", "number, got str"),
+        ("tiny", "vision_config", "num_hidden_layers", None, "int, got null"),
+        ("tiny_llava_next", "text_config", "sliding_window", 6.5, "int, got float"),
+        ("tiny_llava_next", "vision_config", "image_size", True, "int, got bool"),
+        ("tiny_llava15", None, "vision_feature_select_strategy", 1, "string, got int"),
+        ("tiny_llava15", None, "text_config", "llama", "object, got str"),
+    ],
+)
+def test_a_wrong_type_in_config_json_names_the_field_and_file(
+    tmp_path, preset, section, field, value, kind
+):
+    from lov_jax import architectures
+    from lov_jax import config as model_config
+
+    hf = model_config.preset(preset, token_ids=IDS).to_hf_config()
+    architectures.from_hf_config(hf, checkpoint_dir=tmp_path)  # the untouched file reads
+    (hf if section is None else hf[section])[field] = value
+    name = field if section is None else f"{section}.{field}"
+    want = rf"^{tmp_path}/config\.json: {re.escape(name)} = .*: expected a JSON {kind}$"
+    with pytest.raises(ValueError, match=want):
+        architectures.from_hf_config(hf, checkpoint_dir=tmp_path)
+
+
+def test_null_text_fields_still_mean_the_default(tmp_path):
+    from lov_jax import architectures
+    from lov_jax import config as model_config
+
+    hf = model_config.tiny(token_ids=IDS).to_hf_config()
+    hf["text_config"]["head_dim"] = None  # transformers writes nulls for unset fields
+    cfg = architectures.from_hf_config(hf, checkpoint_dir=tmp_path)
+    assert cfg.text.head_dim == 48 // 6

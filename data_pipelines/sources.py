@@ -432,7 +432,8 @@ def source_name(source: Any) -> str:
         return "+".join(source_name(s) for s in source.sources)
     if isinstance(source, SubsetSource):
         return source_name(source.source)
-    return repr(source)
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else f"an in-memory {type(source).__name__}"
 
 
 class SubsetSource:

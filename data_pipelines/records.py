@@ -35,6 +35,32 @@ class RecordOptions:
     max_crops: int | None = None
 
 
+def min_sample_tokens(tokenizer, options: chat.ChatOptions) -> int | None:
+    """Tokens of the template's frame alone (system turn, one empty question and answer):
+    no record can make a shorter sample. None when the template renders no empty turns."""
+    turns = chat.normalize_turns([{"from": "human", "value": ""}, {"from": "gpt", "value": ""}])
+    try:
+        ids, _ = chat.tokenize_conversation(turns, tokenizer, options)
+    except (BadSample, ValueError):  # e.g. `plain` wants an image: its records say so
+        return None
+    return len(ids)
+
+
+def check_row_budget(tokenizer, options: RecordOptions) -> None:
+    """Refuse, before any record is read, a token budget no sample can fit (else every
+    sample is dropped as too long and the loader stops with its skip table)."""
+    if options.max_tokens is None or tokenizer is None:  # no budget, or nothing to measure
+        return
+    frame = min_sample_tokens(tokenizer, options.chat)
+    if frame is not None and options.max_tokens < frame:
+        system = "with" if options.chat.system_prompt else "without"
+        raise ValueError(
+            f"seq_len / max_tokens {options.max_tokens} cannot hold one sample: the "
+            f"{options.chat.template} template {system} a system prompt takes {frame} "
+            "tokens for an empty question and answer"
+        )
+
+
 def record_name(record: Any) -> str:
     """'id' (file[index]) for messages."""
     if not isinstance(record, dict):

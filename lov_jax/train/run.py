@@ -53,6 +53,7 @@ def make_process_fn(config, cfg: ModelConfig, tokenizer):
         max_tokens=config.data.seq_len,
         max_crops=config.data.max_crops,
     )
+    records.check_row_budget(tokenizer, options)  # data.seq_len below the template's frame
     return functools.partial(records.process_record, cfg=cfg, tokenizer=tokenizer, options=options)
 
 
@@ -61,16 +62,17 @@ def make_data(config, cfg: ModelConfig, tokenizer):
     from data_pipelines import loader, sources
 
     data = config.data
-    recs = sources.open_source(
-        data.train_path, image_folder=data.image_folder or None,
-        video_folder=data.video_folder or None, seed=data.seed, on_error=data.skip_policy,
-    )  # fmt: skip
     lc = loader.LoaderConfig(
         batch_size=data.rows_per_host, max_tokens=data.seq_len, max_crops=data.max_crops,
         seed=data.seed, num_epochs=None, num_workers=data.num_workers,
         on_error=data.skip_policy, pad_id=cfg.ids.pad,
     )  # fmt: skip
-    it = loader.make_loader(recs, make_process_fn(config, cfg, tokenizer), cfg, lc)
+    process = make_process_fn(config, cfg, tokenizer)  # budgets checked before any read
+    recs = sources.open_source(
+        data.train_path, image_folder=data.image_folder or None,
+        video_folder=data.video_folder or None, seed=data.seed, on_error=data.skip_policy,
+    )  # fmt: skip
+    it = loader.make_loader(recs, process, cfg, lc)
     return recs, it
 
 

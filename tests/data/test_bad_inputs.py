@@ -291,3 +291,20 @@ def test_undecodable_array_record_is_a_counted_skip(tmp_path, cfg, tok):
     assert (it.stats()["samples_packed"], it.stats()["skip/malformed_record"]) == (1, 2)
     with pytest.raises(BadSample, match=r"d\.array_record\[1\]: cannot decode record"):
         loader.ProcessFn(_process(cfg, tok), "raise")(src[1])
+
+
+def test_a_row_shorter_than_the_template_is_rejected_before_reading(tmp_path, cfg, tok):
+    from configs import stage2_si
+    from lov_jax.train import run
+
+    c = stage2_si.get_config("tiny")
+    c.data.train_path = str(tmp_path / "never_read.json")  # the check comes first
+    c.data.seq_len = 20
+    with pytest.raises(ValueError, match=r"max_tokens 20 cannot hold one sample: the qwen_1_5 "
+                       r"template with a system prompt takes 21 tokens"):  # fmt: skip
+        run.make_data(c, cfg, tok)
+    c.data.system_prompt = ""
+    with pytest.raises(ValueError, match=r"template without a system prompt takes 10 tokens"):
+        records.check_row_budget(tok, records.RecordOptions(
+            chat=records.chat.ChatOptions(system_prompt=None), max_tokens=9))  # fmt: skip
+    records.check_row_budget(tok, records.RecordOptions(max_tokens=21))

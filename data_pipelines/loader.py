@@ -37,6 +37,7 @@ import numpy as np
 from data_pipelines.packing import PackConfig, Packer, PackStats, empty_rows, write_row
 from data_pipelines.sample import POLICIES, BadSample, Reason, Sample
 from data_pipelines.sources import ERROR_KEY
+from data_pipelines.workers import die_with_parent
 from lov_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,8 @@ def make_dataset(
         stream = stream.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=loader.num_workers, per_worker_buffer_size=loader.worker_buffer_size
-            )
+            ),
+            worker_init_fn=die_with_parent,  # data_pipelines/workers.py
         )
     return PackedBatchIterDataset(
         stream, cfg, loader, lookup=map_ds.__getitem__, epoch_size=epoch_size, name=_name(records)

@@ -96,7 +96,10 @@ def _stats(args) -> int:
             Path(args.tokenizer) if Path(args.tokenizer).is_dir() else Path(args.tokenizer).parent
         )
         cfg = cfg.replace(token_ids=read_token_ids(tok_dir, tokenizer=tok))
-        records = sources.open_source(args.data, args.image_folder, args.video_folder, args.seed)
+        # a stats run counts malformed jsonl lines with the other skip reasons
+        records = sources.open_source(
+            args.data, args.image_folder, args.video_folder, args.seed, on_error=lc.on_error
+        )
         options = rec.RecordOptions(max_tokens=args.max_tokens, max_crops=args.max_crops)
         process = functools.partial(rec.process_record, cfg=cfg, tokenizer=tok, options=options)
     it = loader.make_loader(records, process, cfg, lc, process_index=0, process_count=1)

@@ -308,3 +308,20 @@ def test_a_row_shorter_than_the_template_is_rejected_before_reading(tmp_path, cf
         records.check_row_budget(tok, records.RecordOptions(
             chat=records.chat.ChatOptions(system_prompt=None), max_tokens=9))  # fmt: skip
     records.check_row_budget(tok, records.RecordOptions(max_tokens=21))
+
+
+def test_data_stats_counts_malformed_lines_and_stops_on_nothing(tmp_path, tok, capsys):
+    """`lov-jax data stats` counts malformed lines as skips; on nothing usable it prints one
+    error line with the skip table (it used to spin forever)."""
+    from data_pipelines.tokenizer import save_hf_tokenizer_files
+    from lov_jax import cli
+
+    save_hf_tokenizer_files(tmp_path / "tok", tok)
+    f = _jsonl(tmp_path / "d.jsonl", ["{oops", "[1]"])
+    argv = ["data", "stats", str(f), "--tokenizer", str(tmp_path / "tok"), "--preset", "tiny",
+            "-L", "256", "-N", "1"]  # fmt: skip
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: no usable sample in a whole pass over the 2 records of ")
+    assert f"skipped: malformed_record 2 (first: malformed_record: {f}:" in err
+    assert len(err.strip().splitlines()) == 1

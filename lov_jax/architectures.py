@@ -8,6 +8,7 @@ a config.json, for each `ModelConfig.architecture`:
   llava            transformers `LlavaConfig` (model_type "llava"): LLaVA-1.5
   llava_next       `LlavaNextConfig` ("llava_next"): LLaVA-NeXT / 1.6, anyres crops
   llava_onevision  `LlavaOnevisionConfig` ("llava_onevision")
+  llava_next_video `LlavaNextVideoConfig` ("llava_next_video"): NeXT + pooled video frames
 
 and the original layout of haotian-liu/LLaVA and LLaVA-VL/LLaVA-NeXT: one flat LLM config
 (model_type "llava_llama" / "llava_mistral" / "llava_qwen", or "llava" with an
@@ -34,11 +35,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from lov_jax.config import ANYRES_GRID_PINPOINTS, NEXT_GRID_PINPOINTS, ModelConfig
+from lov_jax.config import (
+    ANYRES_GRID_PINPOINTS,
+    NEXT_GRID_PINPOINTS,
+    NEXT_VIDEO,
+    ModelConfig,
+    VideoConfig,
+)
 from lov_jax.config_types import check_config_json
 
 # architecture -> (config.json model_type, transformers class)
@@ -46,6 +52,7 @@ HF_NAMES: dict[str, tuple[str, str]] = {
     "llava": ("llava", "LlavaForConditionalGeneration"),
     "llava_next": ("llava_next", "LlavaNextForConditionalGeneration"),
     "llava_onevision": ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
+    "llava_next_video": ("llava_next_video", "LlavaNextVideoForConditionalGeneration"),
 }
 # transformers' sub-config defaults when a config.json omits one (LlavaConfig /
 # LlavaNextConfig `sub_configs_defaults`; LlavaOnevisionConfig: SigLIP + Qwen-2).
@@ -59,18 +66,20 @@ _DEFAULT_VISION = {
         "patch_size": 14, "image_size": 384, "num_hidden_layers": 26, "num_attention_heads": 16,
     },
 }  # fmt: skip
-_DEFAULT_VISION["llava_next"] = _DEFAULT_VISION["llava"]
-_DEFAULT_TEXT_TYPE = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2"}
+_DEFAULT_VISION["llava_next"] = _DEFAULT_VISION["llava_next_video"] = _DEFAULT_VISION["llava"]
+_DEFAULT_TEXT_TYPE = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2",
+                      "llava_next_video": "llama"}  # fmt: skip
 # LlavaNextConfig's pinpoints when config.json has none: config.NEXT_GRID_PINPOINTS.
 # LLaVA-1.5 has no grid; its default only keeps configs comparable.
 _DEFAULT_PINPOINTS = {
     "llava": NEXT_GRID_PINPOINTS, "llava_next": NEXT_GRID_PINPOINTS,
-    "llava_onevision": ANYRES_GRID_PINPOINTS,
+    "llava_onevision": ANYRES_GRID_PINPOINTS, "llava_next_video": NEXT_GRID_PINPOINTS,
 }  # fmt: skip
 _DEFAULT_ASPECT = {
     "llava": "center_crop",
     "llava_next": "anyres",
     "llava_onevision": "anyres_max_9",
+    "llava_next_video": "anyres",
 }
 
 # ---- the original (haotian-liu / LLaVA-VL) flat layout --------------------------------
@@ -96,6 +105,15 @@ KNOWN_TOWERS: dict[str, dict] = {
         "image_size": 384, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
     },
 }  # fmt: skip
+# LLaVA-Video's video keys (REFERENCE_VIDEO_POST.md 2.2-2.4) -> VideoConfig fields. Read
+# from original configs and from OneVision ones (we write them there when they differ
+# from HF's OneVision video: transformers ignores them, so HF runs such a checkpoint's
+# videos as 2x2 bilinear + one newline).
+_VIDEO_KEYS = (
+    ("mm_spatial_pool_mode", "pool_mode"), ("mm_spatial_pool_stride", "pool_stride"),
+    ("mm_newline_position", "newline"), ("add_faster_video", "faster"),
+    ("faster_token_stride", "faster_stride"),
+)  # fmt: skip
 # mm_* keys that do not change the model we build (training bookkeeping), and those whose
 # only supported value is the one given (anything else would change the token stream).
 _ORIGINAL_IGNORED = {
@@ -103,12 +121,11 @@ _ORIGINAL_IGNORED = {
 }  # fmt: skip
 _ORIGINAL_FIXED = {
     "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
-    "s2": False, "mm_newline_position": "one_token",  # OneVision's video newline
-    "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2,  # its 2x2 frame pool
+    "s2": False,
 }  # fmt: skip
 _ORIGINAL_READ = {
     "mm_vision_tower", "mm_projector_type", "mm_vision_select_layer",
-    "mm_vision_select_feature", "mm_patch_merge_type",
+    "mm_vision_select_feature", "mm_patch_merge_type", *(k for k, _ in _VIDEO_KEYS),
 }  # fmt: skip
 _SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
@@ -192,6 +209,50 @@ def _pinpoints(value: Any, source: str, field: str, transpose: bool = False) -> 
     return tuple((w, h) if transpose else (h, w) for h, w in value)
 
 
+def _video_config(hf: dict, arch: str, source: str) -> VideoConfig:
+    """The VideoConfig of a config.json: HF NeXT-Video's `spatial_pool_*`, or the
+    LLaVA-Video keys (`_VIDEO_KEYS`) of an original / OneVision config."""
+    if arch == "llava_next_video":
+        mode = hf.get("spatial_pool_mode", "average")
+        if mode not in ("average", "max"):
+            why = "only 'average' / 'max' (no released checkpoint has conv pooler weights)"
+            raise _fail(source, "spatial_pool_mode", mode, why)
+        fields = {"pool_mode": mode, "pool_stride": hf.get("spatial_pool_stride", 2)}
+        base = NEXT_VIDEO
+    else:
+        fields = {f: hf[k] for k, f in _VIDEO_KEYS if k in hf}
+        base = VideoConfig()
+        # LLaVA-NeXT main's get_2dPool always pools at its default stride 2: the stride
+        # is read only on the designed SlowFast path (encode_multimodals)
+        if is_original(hf) and not fields.get("faster"):
+            fields.pop("pool_stride", None)
+    for field, value in fields.items():
+        kind = type(getattr(base, field))
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            key = next((k for k, f in _VIDEO_KEYS if f == field), field)
+            raise _fail(source, key, value, f"not a {kind.__name__}")
+    try:
+        return dataclasses.replace(base, **fields)
+    except ValueError as e:
+        keys = [k for k in (*(k for k, _ in _VIDEO_KEYS), "spatial_pool_stride") if k in hf]
+        raise ValueError(f"{source}: {', '.join(keys)}: {e}") from e
+
+
+def _video_to_hf(cfg: ModelConfig, original: bool = False) -> dict:
+    """The keys that give `cfg.video` back through `_video_config`."""
+    v = cfg.video
+    if cfg.architecture == "llava_next_video":
+        if dataclasses.replace(v, pool_mode="average", pool_stride=2) != NEXT_VIDEO:
+            raise ValueError(f"LlavaNextVideoConfig cannot express video {v}: only its pool")
+        return {"spatial_pool_mode": v.pool_mode, "spatial_pool_stride": v.pool_stride}
+    if original and v.pool_stride != 2 and not v.faster:
+        raise ValueError(f"video pool_stride {v.pool_stride}: the original pools at 2 "
+                         "unless add_faster_video")  # fmt: skip
+    default = VideoConfig()
+    return {k: getattr(v, f) for k, f in _VIDEO_KEYS
+            if original or getattr(v, f) != getattr(default, f)}  # fmt: skip
+
+
 def _with_type(d: dict | None, default: dict) -> dict:
     d = dict(default if d is None else d)
     d.setdefault("model_type", default["model_type"])
@@ -234,9 +295,13 @@ def from_hf_config(
     )
     aspect_key = "vision_aspect_ratio" if arch == "llava_onevision" else "image_aspect_ratio"
     fields: dict[str, Any] = {"vision_aspect_ratio": hf.get(aspect_key, _DEFAULT_ASPECT[arch])}
+    fields["video"] = _video_config(hf, arch, source)
     points = hf.get("image_grid_pinpoints") or _DEFAULT_PINPOINTS[arch]
     fields["image_grid_pinpoints"] = _pinpoints(points, source, "image_grid_pinpoints")
-    if arch == "llava_next" and hf.get("use_image_newline_parameter", True) is not True:
+    if (
+        arch in ("llava_next", "llava_next_video")
+        and hf.get("use_image_newline_parameter", True) is not True
+    ):
         raise _fail(
             source,
             "use_image_newline_parameter",
@@ -271,14 +336,12 @@ def _build(parts, arch, strategy, strategy_field, kept, fields, source, override
     )
     if parts.get("tie_word_embeddings"):  # LlavaConfig: a tied text_config ties the model
         text = dataclasses.replace(text, tie_word_embeddings=True)
-    pps = vision.image_size // vision.patch_size
     try:
         return ModelConfig(
             vision=vision,
             text=text,
             projector=projector,
             architecture=arch,
-            video_pool_size=math.ceil(pps / 2),
             **{**fields, **overrides},
         )
     except ValueError as e:
@@ -361,7 +424,7 @@ def _from_original(
         raise _fail(source, "mm_vision_select_feature", feature, f"not {sorted(_SELECT_FEATURES)}")
     layer = hf.get("mm_vision_select_layer", -2)
     kept = _feature_layers(vision, layer, "mm_vision_select_layer", source)
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {"video": _video_config(hf, arch, source)}
     if arch == "llava":
         aspect = hf.get("image_aspect_ratio", "square")
         fields["vision_aspect_ratio"] = "pad" if aspect == "pad" else "center_crop"
@@ -414,14 +477,16 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": cfg.text.tie_word_embeddings,
         "text_config": text,
     }
-    if cfg.architecture == "llava_onevision":
+    if cfg.architecture in ("llava_onevision", "llava_next_video"):
         out["video_token_index"] = ids.video
+        out.update(_video_to_hf(cfg))
+    if cfg.architecture == "llava_onevision":
         out["vision_aspect_ratio"] = cfg.vision_aspect_ratio
     else:
         out["image_aspect_ratio"] = cfg.vision_aspect_ratio
         out["image_seq_length"] = cfg.vision.num_features
     out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]  # 1.5: unused
-    if cfg.architecture == "llava_next":
+    if cfg.architecture in ("llava_next", "llava_next_video"):
         out["use_image_newline_parameter"] = True
     return out
 
@@ -439,6 +504,8 @@ def to_original_config(cfg: ModelConfig) -> dict:
     written to ORIGINAL_TOWER_DIR."""
     from lov_jax.models import families
 
+    if cfg.architecture == "llava_next_video":
+        raise ValueError("LLaVA-NeXT-Video has no original-layout export here (use layout 'hf')")
     llm = {v: k for k, v in _ORIGINAL_LLMS.items() if "For" in k}[cfg.text.kind]
     mtype = {v: k for k, v in _ORIGINAL_LLMS.items() if "For" not in k}[cfg.text.kind]
     ids = cfg.ids
@@ -469,7 +536,7 @@ def to_original_config(cfg: ModelConfig) -> dict:
     if cfg.architecture != "llava":  # the original's pairs are (w, h)
         out["image_grid_pinpoints"] = [[w, h] for h, w in cfg.image_grid_pinpoints]
     if cfg.architecture == "llava_onevision":
-        out.update({k: v for k, v in _ORIGINAL_FIXED.items() if k.startswith("mm_")})
+        out.update(_video_to_hf(cfg, original=True))
     return out
 
 

@@ -21,6 +21,12 @@ CLIP "full"; `models.llava_onevision` builds it, `visual_layout` indexes it):
     row  newline_row(N, F) = N*F       image_newline (zeros for LLaVA-1.5, which has none
                                        and never taps it: the same shapes for every family)
     row  zero_row(N, F)    = N*F + 1   zeros: what text and padding positions tap
+
+and, only where `cfg.video` needs them (lov_jax/video_pool.py; `bank_size` counts all):
+
+    row  faster_row(N, cfg) = N*F + 2  LLaVA-Video's `faster_token` (SlowFast)
+    rows pooled_start(N, cfg, s) + c*h*h + j   crop slot c pooled s x s (average / max),
+                                       h = floor(P/s), one section per device stride
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lov_jax import video_pool
 from lov_jax.config import ModelConfig
 
 TAPS = 4  # bank rows one visual token combines (bilinear: 4 neighbours)
@@ -60,6 +67,38 @@ def zero_row(num_crops: int, num_features: int) -> int:
 def bank_rows(num_crops: int, num_features: int) -> int:
     """Rows of a row's feature bank: the crops' features, the newline, the zero row."""
     return num_crops * num_features + 2
+
+
+def faster_row(num_crops: int, cfg: ModelConfig) -> int:
+    """Bank row of the `faster_token` (only when `cfg.video.faster`)."""
+    if not cfg.video.faster:
+        raise ValueError("this model has no faster_token (video.faster is off)")
+    return bank_rows(num_crops, cfg.vision.num_features)
+
+
+def _pooled_sections(num_crops: int, cfg: ModelConfig) -> dict[int, tuple[int, int]]:
+    """device stride -> (first bank row, rows) of its pooled section."""
+    start = bank_rows(num_crops, cfg.vision.num_features) + int(cfg.video.faster)
+    out, p = {}, cfg.vision.patches_per_side
+    for s in video_pool.device_strides(cfg):
+        rows = num_crops * video_pool.pooled_side(p, s, cfg.video.pool_mode) ** 2
+        out[s] = (start, rows)
+        start += rows
+    return out
+
+
+def pooled_start(num_crops: int, cfg: ModelConfig, stride: int) -> int:
+    """First bank row of the crops pooled at `stride` (one of video_pool.device_strides)."""
+    sections = _pooled_sections(num_crops, cfg)
+    if stride not in sections:
+        raise ValueError(f"no pooled bank section at stride {stride}; have {sorted(sections)}")
+    return sections[stride][0]
+
+
+def bank_size(num_crops: int, cfg: ModelConfig) -> int:
+    """All rows of a row's feature bank under `cfg` (bank_rows + the video rows)."""
+    extra = sum(rows for _, rows in _pooled_sections(num_crops, cfg).values())
+    return bank_rows(num_crops, cfg.vision.num_features) + int(cfg.video.faster) + extra
 
 
 def shapes(
@@ -132,7 +171,7 @@ def check_batch(batch: dict, cfg: ModelConfig, *, micro_batched: bool = False) -
                 problems.append(f"{k}: dtype {got.dtype}, expected {np.dtype(FIELDS[k][0])}")
         if isinstance(batch.get("vis_idx"), np.ndarray):  # abstract batches have no values
             idx = batch["vis_idx"]
-            top = bank_rows(crops, cfg.vision.num_features)
+            top = bank_size(crops, cfg)
             if idx.size and (idx.min() < 0 or idx.max() >= top):
                 problems.append(f"vis_idx: taps outside the bank rows [0, {top})")
     if problems:

@@ -23,7 +23,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # The model class a config is (HF `model_type`): LLaVA-1.5 has no image_newline and one
 # crop per image; LLaVA-NeXT adds anyres crops and one newline per grid row; OneVision
 # adds anyres_max_N downsampling, multi-image and video.
-ARCHITECTURES = ("llava", "llava_next", "llava_onevision")
+# LLaVA-NeXT-Video is NeXT for images plus frames pooled before the projector, no newline.
+ARCHITECTURES = ("llava", "llava_next", "llava_onevision", "llava_next_video")
 # Which tower outputs become visual tokens (HF `vision_feature_select_strategy`):
 # "default" drops the first (CLS) position, "full" keeps all.
 FEATURE_SELECTS = ("default", "full")
@@ -39,6 +40,7 @@ ASPECT_RATIOS = {
     "llava": ("pad", "center_crop"),
     "llava_next": ("anyres",),
     "llava_onevision": ("anyres_max_N",),
+    "llava_next_video": ("anyres",),
 }
 _ANYRES_MAX = re.compile(r"anyres_max_([1-9][0-9]*)")
 # Pixel normalisation (HF image processors' image_mean / image_std): SigLIP maps to [-1, 1],
@@ -107,6 +109,58 @@ class VisionConfig:
         return self.patches_per_side**2
 
 
+# How video frames become tokens (../shared/REFERENCE_VIDEO_POST.md 1.2, 2.2-2.4).
+VIDEO_POOL_MODES = ("bilinear", "average", "max")
+VIDEO_NEWLINES = ("grid", "frame", "one_token", "no_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    """A video frame's P x P features -> visual tokens (lov_jax/video_pool.py has the
+    geometry, lov_jax/visual_layout.py the taps).
+
+    pool_mode / pool_stride: LLaVA-Video's `get_2dPool` ("bilinear": torch bilinear to
+    ceil(P/s); "average" / "max": s x s windows, floor(P/s)) or HF's
+    `LlavaNextVideoPooler` (average / max). `pool_before_projector`: NeXT-Video's
+    `vision_resampler` pools the tower's features, then projects; OneVision / LLaVA-Video
+    project first. `newline`: `mm_newline_position` ("grid": after every row of every
+    frame; "frame": after every frame; "one_token": once after the video; "no_token").
+    `faster`: `add_faster_video` (SlowFast, "grid" only): frame i is slow (stride s) when
+    i % faster_stride == 0, else fast (stride 2s); every frame ends with `faster_token`.
+    """
+
+    pool_mode: str = "bilinear"
+    pool_stride: int = 2
+    pool_before_projector: bool = False
+    newline: str = "one_token"
+    faster: bool = False
+    faster_stride: int = 10
+
+    def __post_init__(self):
+        if self.pool_mode not in VIDEO_POOL_MODES:
+            raise ValueError(f"video pool_mode {self.pool_mode!r} not in {VIDEO_POOL_MODES}")
+        if self.newline not in VIDEO_NEWLINES:
+            raise ValueError(f"video newline {self.newline!r} not in {VIDEO_NEWLINES}")
+        if self.pool_stride < 1 or self.faster_stride < 1:
+            raise ValueError(
+                f"video pool_stride {self.pool_stride} / faster_stride {self.faster_stride}: >= 1"
+            )
+        if self.pool_before_projector and self.pool_mode == "bilinear":
+            raise ValueError(
+                "video pool_mode 'bilinear' pools after the projector (get_2dPool); "
+                "before it (LlavaNextVideoPooler) only 'average' / 'max'"
+            )
+        if self.faster and self.newline != "grid":
+            raise ValueError(
+                f"video faster (add_faster_video) needs newline 'grid', got {self.newline!r} "
+                "(the reference uses the faster_token in its grid branch only)"
+            )
+
+
+# LLaVA-NeXT-Video (HF LlavaNextVideoConfig defaults): 2x2 average before the projector.
+NEXT_VIDEO = VideoConfig(pool_mode="average", pool_before_projector=True, newline="no_token")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     """Qwen-2 decoder; `kind` names the LLM's family (lov_jax/models/families.py)."""
@@ -155,7 +209,7 @@ class ModelConfig:
     projector: str = "mlp2x_gelu"  # the projector's family: "mlp2x_gelu" | "linear"
     vision_aspect_ratio: str = "anyres_max_9"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ANYRES_GRID_PINPOINTS
-    video_pool_size: int = 14  # ceil(27 / 2): frames are pooled 27x27 -> 14x14
+    video: VideoConfig = VideoConfig()  # OneVision's: 2x2 bilinear, one newline per video
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -193,6 +247,14 @@ class ModelConfig:
     def has_image_newline(self) -> bool:
         """LLaVA-NeXT and OneVision learn an `image_newline`; LLaVA-1.5 has none."""
         return self.architecture != "llava"
+
+    @property
+    def video_pool_size(self) -> int:
+        """Side of a (slow) video frame after pooling: 27 -> 14 (OneVision), 24 -> 12."""
+        from lov_jax import video_pool
+
+        return video_pool.pooled_side(self.vision.patches_per_side, self.video.pool_stride,
+                                      self.video.pool_mode)  # fmt: skip
 
     @property
     def max_num_patches(self) -> int:
@@ -245,16 +307,25 @@ NEXT_GRID_PINPOINTS: tuple[tuple[int, int], ...] = (
 def _llava15(text: TextConfig, kw: dict) -> ModelConfig:
     """LLaVA-1.5: one CLIP crop per image, no image_newline. `center_crop` is how llava-hf
     preprocesses (its logits); the original trained with "pad" (a recipe may set it)."""
-    kw = {"vision": CLIP_L14_336, "vision_aspect_ratio": "center_crop", "video_pool_size": 12,
+    kw = {"vision": CLIP_L14_336, "vision_aspect_ratio": "center_crop",
           "image_grid_pinpoints": NEXT_GRID_PINPOINTS, **kw}  # fmt: skip
     return ModelConfig(text=text, architecture="llava", **kw)
 
 
 def _llava_next(text: TextConfig, kw: dict) -> ModelConfig:
     """LLaVA-NeXT: anyres over the 5 pinpoints, no downsample, one newline per row."""
-    kw = {"vision": CLIP_L14_336, "image_grid_pinpoints": NEXT_GRID_PINPOINTS,
-          "video_pool_size": 12, **kw}  # fmt: skip
+    kw = {"vision": CLIP_L14_336, "image_grid_pinpoints": NEXT_GRID_PINPOINTS, **kw}
     return ModelConfig(text=text, architecture="llava_next", vision_aspect_ratio="anyres", **kw)
+
+
+def _llava_next_video(text: TextConfig, kw: dict) -> ModelConfig:
+    """LLaVA-NeXT-Video: NeXT's images, frames 2x2 average-pooled before the projector
+    (144 tokens per 336px frame), no video newline."""
+    kw = {"vision": CLIP_L14_336, "image_grid_pinpoints": NEXT_GRID_PINPOINTS,
+          "video": NEXT_VIDEO, **kw}  # fmt: skip
+    return ModelConfig(
+        text=text, architecture="llava_next_video", vision_aspect_ratio="anyres", **kw
+    )
 
 
 # The released LLMs (docs/reference_family.md A.11). llava-hf pads Llama vocabularies to
@@ -309,6 +380,12 @@ def llava_next_72b(**kw: Any) -> ModelConfig:
     return _llava_next(_QWEN15_72B, kw)
 
 
+def llava_next_video_7b(**kw: Any) -> ModelConfig:
+    """LLaVA-NeXT-Video-7B (Vicuna-7B); a long clip's rope scaling comes from the
+    checkpoint's text_config."""
+    return _llava_next_video(_VICUNA_7B, kw)
+
+
 _TINY_CLIP = dataclasses.replace(
     CLIP_L14_336, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
 )  # the real 336/14 geometry: 576 features per crop
@@ -330,6 +407,15 @@ def tiny_llava_next(**kw: Any) -> ModelConfig:
         num_kv_heads=2, head_dim=12, sliding_window=64,
     )  # fmt: skip
     return _llava_next(text, {"vision": _TINY_CLIP, **kw})
+
+
+def tiny_llava_next_video(**kw: Any) -> ModelConfig:
+    """Tiny LLaVA-NeXT-Video (tests): tiny LLaVA-NeXT's CLIP and Vicuna-style LLM."""
+    text = dataclasses.replace(
+        _VICUNA_7B, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=4, head_dim=12,
+    )  # fmt: skip
+    return _llava_next_video(text, {"vision": _TINY_CLIP, **kw})
 
 
 def ov_0_5b(**kw: Any) -> ModelConfig:
@@ -378,9 +464,7 @@ def demo(**kw: Any) -> ModelConfig:
         num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
     )  # fmt: skip
     pinpoints = tuple((112 * h, 112 * w) for h in range(1, 7) for w in range(1, 7))
-    return ModelConfig(
-        vision=vision, text=text, image_grid_pinpoints=pinpoints, video_pool_size=4, **kw
-    )
+    return ModelConfig(vision=vision, text=text, image_grid_pinpoints=pinpoints, **kw)
 
 
 PRESETS = {
@@ -389,6 +473,7 @@ PRESETS = {
     "llava_next_mistral_7b": llava_next_mistral_7b, "llava_next_vicuna_7b": llava_next_vicuna_7b,
     "llava_next_llama3_8b": llava_next_llama3_8b, "llava_next_72b": llava_next_72b,
     "tiny_llava15": tiny_llava15, "tiny_llava_next": tiny_llava_next,
+    "llava_next_video_7b": llava_next_video_7b, "tiny_llava_next_video": tiny_llava_next_video,
 }  # fmt: skip
 
 

@@ -27,6 +27,9 @@ Per architecture (`cfg.architecture`), as HF's model packs features:
                    disagree (images with H, W <= S; unpad rounding; `_anyres_geometry`).
   llava_onevision  "anyres" with the anyres_max_N downsample; "pad" multi-image members;
                    "video"; "square" for stage 1.
+  llava_next_video NeXT's images; "video" frames pooled before the projector, no newline.
+Video items follow `cfg.video` whatever the architecture (lov_jax/video_pool.py): bilinear
+pools are 4 taps, average / max pools copy rows the device pooled into the bank.
 
 Tap conventions: a plain copy is (p, p, p, p) with weights (1, 0, 0, 0); a bilinear
 output is (y0x0, y0x1, y1x0, y1x1) with weights (wy0*wx0, wy0*wx1, wy1*wx0, wy1*wx1);
@@ -41,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lov_jax import batch
+from lov_jax import batch, video_pool
 from lov_jax.config import ModelConfig
 
 KINDS = ("anyres", "square", "pad", "center_crop", "video")
@@ -58,7 +61,8 @@ class VisualItem:
                      one (OneVision multi-image member; LLaVA-NeXT's single-crop branch,
                      docs/reference_family.md A.7.4); LLaVA-1.5 `image_aspect_ratio=pad`: F.
       "center_crop": llava-hf LLaVA-1.5 (CLIPImageProcessor resize + center crop): F tokens.
-      "video":       frames, each pooled PxP -> video_pool_size^2, one newline at the end.
+      "video":       frames pooled and separated as `cfg.video` says (OneVision: PxP ->
+                     14x14 bilinear, one newline at the end; `_video_taps`).
     image_size: original (H, W); required for "anyres".
     num_frames: F for "video".
     """
@@ -191,7 +195,7 @@ def num_tokens(item: VisualItem, cfg: ModelConfig) -> int:
     if item.kind == "pad":
         return n_feat + int(cfg.has_image_newline)
     _patch_grid(cfg, "video")
-    return item.num_frames * cfg.video_pool_size**2 + 1
+    return video_pool.video_tokens(cfg, item.num_frames)
 
 
 # ---- taps ----------------------------------------------------------------------------
@@ -249,35 +253,69 @@ def _copy_taps(start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, w
 
 
+def _video_taps(item: VisualItem, cfg: ModelConfig, crop_offset: int, num_crop_slots: int,
+                newline) -> list:  # fmt: skip
+    """A video's taps, frames in order (REFERENCE_VIDEO_POST.md 2.2-2.4; video_pool.py).
+
+    Frame f (crop slot crop_offset + f) pooled at its stride s_f to h x h, row-major:
+    bilinear = 4 taps into the frame's crop rows (HF `apply_pooling`); average / max =
+    a copy of its row in the device-pooled section of stride s_f. Then the newlines of
+    `cfg.video.newline` ("grid": after each of the h rows; "frame": after the frame),
+    the `faster_token` after each frame (SlowFast), and "one_token": one newline after
+    the whole video (OneVision; NeXT-Video: "no_token").
+    """
+    p, v, nfeat = _patch_grid(cfg, "video"), cfg.video, cfg.vision.num_features
+    one = np.array([[1.0, 0.0, 0.0, 0.0]])
+    faster = (np.full((1, 4), batch.faster_row(num_crop_slots, cfg)), one) if v.faster else None
+    parts = []
+    for f, stride in enumerate(video_pool.frame_strides(v, item.num_frames)):
+        slot = crop_offset + f
+        h = video_pool.pooled_side(p, stride, v.pool_mode)
+        if v.pool_mode == "bilinear":
+            ty = tx = _bilinear_taps_1d_f64(p, h)
+            idx, w = _taps_2d(ty, tx, lambda y, x, off=slot * nfeat: off + y * p + x)
+        else:
+            start = batch.pooled_start(num_crop_slots, cfg, stride) + slot * h * h
+            idx, w = (a.reshape(h, h, 4) for a in _copy_taps(start, h * h))
+        if v.newline == "grid":  # one newline column closes every row of the frame
+            idx = np.concatenate([idx, np.broadcast_to(newline[0], (h, 1, 4))], axis=1)
+            w = np.concatenate([w, np.broadcast_to(newline[1], (h, 1, 4))], axis=1)
+        parts.append((idx.reshape(-1, 4), w.reshape(-1, 4)))
+        if v.newline == "frame":
+            parts.append(newline)
+        if faster is not None:
+            parts.append(faster)
+    if v.newline == "one_token":
+        parts.append(newline)
+    return parts
+
+
 def item_taps(
-    item: VisualItem, cfg: ModelConfig, crop_offset: int, newline_index: int
+    item: VisualItem,
+    cfg: ModelConfig,
+    crop_offset: int,
+    newline_index: int,
+    num_crop_slots: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Taps for one item, in the order HF's model emits its features.
 
     The item's crops live in bank slots crop_offset, crop_offset+1, ... (anyres: base
-    first, then grid crops row-major; video: frames in order).
+    first, then grid crops row-major; video: frames in order). `num_crop_slots` N (the
+    row's; default newline_index // F) places the bank's video rows (lov_jax/batch.py).
     Returns (idx int32[T, 4], w float32[T, 4]) with T = num_tokens(item, cfg).
     """
     nfeat = cfg.vision.num_features  # the bank's per-crop stride
     base = crop_offset * nfeat
     newline = (np.full((1, 4), newline_index, np.int64), np.array([[1.0, 0.0, 0.0, 0.0]]))
+    if num_crop_slots is None:
+        num_crop_slots = newline_index // nfeat
 
     if item.kind in ("square", "pad", "center_crop"):
         parts = [_copy_taps(base, nfeat)]  # CLIP "full": CLS first, as HF keeps it
         if item.kind == "pad" and cfg.has_image_newline:
             parts.append(newline)  # HF pack_image_features, single-crop branch
     elif item.kind == "video":
-        p = _patch_grid(cfg, "video")
-        # HF apply_pooling: per frame [P, P] -> bilinear [S, S], row-major; frames are
-        # flattened and ONE newline closes the whole video (docs/reference.md 5.3).
-        s = cfg.video_pool_size
-        ty = tx = _bilinear_taps_1d_f64(p, s)
-        parts = []
-        for f in range(item.num_frames):
-            off = base + f * nfeat
-            idx, w = _taps_2d(ty, tx, lambda y, x, off=off: off + y * p + x)
-            parts.append((idx.reshape(-1, 4), w.reshape(-1, 4)))
-        parts.append(newline)
+        parts = _video_taps(item, cfg, crop_offset, num_crop_slots, newline)
     else:
         geo = _anyres_geometry(item.image_size, cfg)
         p, gw = cfg.vision.patches_per_side, geo.grid[1]
@@ -321,7 +359,7 @@ def row_layout(
         )
     parts, off = [], crop_offset
     for it, n in zip(items, crops, strict=True):
-        parts.append(item_taps(it, cfg, off, newline_index))
+        parts.append(item_taps(it, cfg, off, newline_index, num_crop_slots))
         off += n
     if not parts:
         return np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float32)

@@ -18,14 +18,24 @@ downsample, video 2x2 bilinear pooling and newline insertion all reduce to this
 single gather-and-weight, so shapes stay static under packing. LLaVA-1.5 has no
 `image_newline` param (`cfg.has_image_newline`): its newline row is zeros and never
 tapped, so every architecture has the same bank shape.
+
+Video beyond OneVision's bilinear pool (`cfg.video`, lov_jax/video_pool.py): average /
+max pools are not weighted sums of projected rows (and NeXT-Video pools before the
+projector), so the bank grows, after the zero row, by the `faster_token` (SlowFast) and
+one section per pool stride holding every crop slot pooled s x s: tower features pooled
+then projected (`pool_before_projector`), or projected then pooled. Static shapes: every
+slot is pooled, whatever it holds.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lov_jax import video_pool
 from lov_jax.config import ModelConfig
 from lov_jax.models import families
 from lov_jax.models.kv_cache import KVCache
@@ -50,25 +60,53 @@ class LlavaOnevision(nn.Module):
                 (cfg.text.hidden_size,),
                 pdtype,
             )
+        if cfg.video.faster:  # LLaVA-Video's randn(H) / sqrt(H)
+            self.faster_token = self.param(
+                "faster_token",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.text.hidden_size**-0.5), ("embed",)
+                ),
+                (cfg.text.hidden_size,),
+                pdtype,
+            )
         lm = families.llm(cfg.text.kind).module
         self.language_model = lm(cfg.text, dtype, pdtype, cfg.remat_policy, cfg.attention_impl)
 
-    def encode_crops(self, pixels: jax.Array) -> jax.Array:
-        """pixels [B, N, S, S, 3] -> projected features float[B, N, F, H]."""
+    def encode_crops(self, pixels: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """pixels [B, N, S, S, 3] -> (projected features float[B, N*F, H], the pooled
+        sections float[B, N*h_s*h_s, H] of video_pool.device_strides, in order)."""
         b, n = pixels.shape[:2]
         crops = pixels.reshape(b * n, *pixels.shape[2:])
-        feats = self.multi_modal_projector(self.vision_tower(crops))
-        return feats.reshape(b, n, *feats.shape[1:])
+        tower = self.vision_tower(crops)  # [B*N, F, D]
+        strides, v = video_pool.device_strides(self.cfg), self.cfg.video
+        p = self.cfg.vision.patches_per_side
+
+        def pool(x):
+            return [video_pool.pool_frames(x, p, s, v.pool_mode) for s in strides]
+
+        if v.pool_before_projector:  # NeXT-Video: one projector call over all rows
+            parts = [tower, *pool(tower)]
+            cuts = list(itertools.accumulate(x.shape[1] for x in parts))[:-1]
+            parts = jnp.split(self.multi_modal_projector(jnp.concatenate(parts, 1)), cuts, 1)
+        else:
+            feats = self.multi_modal_projector(tower)
+            parts = [feats, *pool(feats)]
+        feats, *pooled = (x.reshape(b, -1, x.shape[-1]) for x in parts)
+        return feats, pooled
 
     def feature_bank(self, pixels: jax.Array) -> jax.Array:
-        """float[B, N*F + 2, H]: crop features, then image_newline, then a zero row."""
-        feats = self.encode_crops(pixels)
-        b, n, p, h = feats.shape
+        """float[B, batch.bank_size(N, cfg), H]: crop features, image_newline, a zero
+        row, then the video rows (faster_token, pooled sections; lov_jax/batch.py)."""
+        feats, pooled = self.encode_crops(pixels)
+        b, _, h = feats.shape
         zero = jnp.zeros((b, 1, h), feats.dtype)
         newline = zero
         if self.cfg.has_image_newline:
             newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (b, 1, h))
-        return jnp.concatenate([feats.reshape(b, n * p, h), newline, zero], axis=1)
+        extra = []
+        if self.cfg.video.faster:
+            extra.append(jnp.broadcast_to(self.faster_token.astype(feats.dtype), (b, 1, h)))
+        return jnp.concatenate([feats, newline, zero, *extra, *pooled], axis=1)
 
     def embed_inputs(self, tokens, pixels=None, vis_idx=None, vis_w=None) -> jax.Array:
         """Text embeddings with visual tokens replaced by their weighted taps: [B, L, H]."""

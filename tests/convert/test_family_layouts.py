@@ -114,7 +114,7 @@ def test_bad_fields_name_the_field_and_file():
         _raises({**hf, "vision_feature_layer": layer}, at + "vision_feature_layer=")
     _raises({**hf, "vision_feature_layer": [-2, -1]}, "a list of layers is not")
     _raises({**hf, "vision_feature_select_strategy": "cls"}, at + "vision_feature_select")
-    _raises({**hf, "model_type": "llava_next_video"}, at + "model_type='llava_next_video'")
+    _raises({**hf, "model_type": "video_llava"}, at + "model_type='video_llava'")
     _raises({**hf, "image_grid_pinpoints": [[56]]}, at + "image_grid_pinpoints=")
     _raises({**hf, "image_grid_pinpoints": "[[56, 0]]"}, "positive")
     _raises({**hf, "use_image_newline_parameter": False}, "use_image_newline_parameter")

@@ -12,6 +12,7 @@ Per `cfg.architecture` (and, for LLaVA-1.5, `cfg.vision_aspect_ratio`):
     llava / pad             LlavaImageProcessor(do_pad)    LlavaProcessor
     llava_next / anyres     LlavaNextImageProcessor        LlavaNextProcessor
     llava_onevision         LlavaOnevisionImageProcessor   LlavaOnevisionProcessor
+    llava_next_video        LlavaNextImageProcessor        LlavaNextVideoProcessor
 
 The processors' token counts then equal `visual_layout.num_tokens`: `patch_size`,
 `num_additional_image_tokens` (1 for a CLS tower) and `vision_feature_select_strategy`
@@ -46,12 +47,14 @@ PROCESSOR_CLASSES = {
     "llava": "LlavaProcessor",
     "llava_next": "LlavaNextProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
+    "llava_next_video": "LlavaNextVideoProcessor",
 }
 # (architecture, vision_aspect_ratio) -> image_processor_type; OneVision's for any ratio.
 IMAGE_PROCESSORS = {
     ("llava", "center_crop"): "CLIPImageProcessor",
     ("llava", "pad"): "LlavaImageProcessor",
     ("llava_next", "anyres"): "LlavaNextImageProcessor",
+    ("llava_next_video", "anyres"): "LlavaNextImageProcessor",
 }
 
 
@@ -88,7 +91,7 @@ def preprocessor_config(cfg: ModelConfig) -> dict[str, Any]:
     # CLIP-style: shortest edge to S, then the SxS center crop (a no-op on anyres crops).
     out |= {"do_center_crop": True, "crop_size": {"height": side, "width": side},
             "size": {"shortest_edge": side}}  # fmt: skip
-    if cfg.architecture == "llava_next":
+    if cfg.architecture in ("llava_next", "llava_next_video"):
         out |= {"do_pad": True, "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]}
     elif cfg.vision_aspect_ratio == "pad":
         out["do_pad"] = True  # LlavaImageProcessor: expand2square with the mean colour
@@ -109,7 +112,9 @@ def processor_config(cfg: ModelConfig) -> dict[str, Any]:
             "vision_feature_select_strategy": v.feature_select,
         }
     # HF counts (S // patch)^2 + num_additional_image_tokens, minus 1 for "default".
+    video = {"video_token": VIDEO_TOKEN} if cfg.architecture == "llava_next_video" else {}
     return {
+        **video,
         "image_token": IMAGE_TOKEN,
         "num_additional_image_tokens": int(v.has_cls),
         "patch_size": v.patch_size,
@@ -167,7 +172,8 @@ def load_hf_processor(hf_dir: str | os.PathLike):
     """An offline HF processor for the directory's `processor_class`.
 
     LlavaProcessor / LlavaNextProcessor: `AutoProcessor.from_pretrained`, unchanged.
-    LlavaOnevisionProcessor: PIL images, no video processor (module docstring). Reads
+    LlavaOnevisionProcessor / LlavaNextVideoProcessor: PIL images, no video processor
+    (module docstring). Reads
     tokenizer files, chat_template.jinja, preprocessor_config.json and
     processor_config.json from `hf_dir` (as written by `save_hf_processor_files`).
     """
@@ -185,7 +191,10 @@ def load_hf_processor(hf_dir: str | os.PathLike):
     template_file = hf_dir / "chat_template.jinja"
     chat_template = template_file.read_text() if template_file.is_file() else None
 
-    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    cls = LlavaOnevisionProcessor
+    if name == "LlavaNextVideoProcessor":  # the same offline build, NeXT's image processor
+        from transformers import LlavaNextVideoProcessor as cls
+    processor = cls.__new__(cls)
     base_check = processor.check_argument_for_proper_class
 
     def check(name: str, arg: Any) -> Any:

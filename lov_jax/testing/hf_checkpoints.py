@@ -20,6 +20,7 @@ batch contract, lov_jax/batch.py) and the kwargs HF's forward takes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,24 @@ TINY_LLMS: dict[str, tuple[str, str, dict]] = {
 }  # fmt: skip
 # LLaVA-NeXT's 5 default pinpoints ((h, w), multiples of 336)
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# A Vicuna template that also renders videos (images, then videos, then text), the
+# layout of llava-hf LLaVA-NeXT-Video's "USER: <video>\n{question} ASSISTANT:".
+NEXT_VIDEO_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def make_tiny_llava_hf(
@@ -154,9 +173,14 @@ def make_tiny_llava_hf(
     tokenizer=None,
     vocab_size: int | None = None,
     seed: int = 0,
+    spatial_pool_mode: str = "average",
+    spatial_pool_stride: int = 2,
 ) -> Path:
-    """Save a tiny `LlavaForConditionalGeneration` (architecture "llava") or
-    `LlavaNextForConditionalGeneration` ("llava_next"); returns the directory.
+    """Save a tiny `LlavaForConditionalGeneration` (architecture "llava"),
+    `LlavaNextForConditionalGeneration` ("llava_next") or
+    `LlavaNextVideoForConditionalGeneration` ("llava_next_video": NeXT plus its
+    `spatial_pool_mode` / `spatial_pool_stride` video pooler, `NEXT_VIDEO_TEMPLATE`);
+    returns the directory. `vision` may set `image_size` (default 336; patch 14).
 
     llm: a `TINY_LLMS` flavour ("vicuna", "llama3", "mistral"); `sliding_window` is the
     Mistral flavour's window (None: full causal, as Mistral-7B-Instruct-v0.2), ignored
@@ -174,6 +198,8 @@ def make_tiny_llava_hf(
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
         MistralConfig,
     )
 
@@ -183,11 +209,15 @@ def make_tiny_llava_hf(
     if llm not in TINY_LLMS:
         raise ValueError(f"llm {llm!r} not in {sorted(TINY_LLMS)}")
     classes = {"llava": (LlavaConfig, LlavaForConditionalGeneration),
-               "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration)}  # fmt: skip
+               "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+               "llava_next_video": (LlavaNextVideoConfig,
+                                    LlavaNextVideoForConditionalGeneration)}  # fmt: skip
     if architecture not in classes:
         raise ValueError(f"architecture {architecture!r} not in {sorted(classes)}")
     model_type, style, text_kw = TINY_LLMS[llm]
     spec = tokenizer or test_tokenizers.small_bpe(700, style=style)
+    if tokenizer is None and architecture == "llava_next_video":
+        spec = dataclasses.replace(spec, chat_template=NEXT_VIDEO_TEMPLATE)
     ids = spec.token_ids
     rows = vocab_size or -(-spec.vocab_size // 64) * 64
     v = dict(TINY_CLIP, **(vision or {}))
@@ -195,7 +225,8 @@ def make_tiny_llava_hf(
     vision_cfg = CLIPVisionConfig(
         hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
         num_hidden_layers=v["num_layers"], num_attention_heads=v["num_heads"],
-        image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        image_size=v.get("image_size", 336), patch_size=14, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
         projection_dim=v["hidden_size"],
     )  # fmt: skip
     rope = text_kw["rope_theta"]
@@ -213,8 +244,11 @@ def make_tiny_llava_hf(
         text = LlamaConfig(**text_args)
     config_cls, model_cls = classes[architecture]
     extra = {}
-    if architecture == "llava_next":
+    if architecture in ("llava_next", "llava_next_video"):
         extra["image_grid_pinpoints"] = image_grid_pinpoints or NEXT_PINPOINTS
+    if architecture == "llava_next_video":
+        extra |= {"video_token_index": ids.video, "spatial_pool_mode": spatial_pool_mode,
+                  "spatial_pool_stride": spatial_pool_stride}  # fmt: skip
     cfg = config_cls(
         vision_config=vision_cfg, text_config=text, image_token_index=ids.image,
         vision_feature_layer=vision_feature_layer,
@@ -353,15 +387,16 @@ def multi_image_sample(sizes, cfg: ModelConfig, seed: int = 0) -> Sample:
     return Sample(expand(items, cfg), crops, items, torch_kwargs)
 
 
-def video_sample(num_frames: int, cfg: ModelConfig, seed: int = 0) -> Sample:
+def video_sample(num_frames: int, cfg: ModelConfig, seed: int = 0, *, frame=None) -> Sample:
+    """One random 240x320 video of `num_frames` frames: pixel_values_videos [1, F, 3, S, S]."""
     from data_pipelines import image_processing
 
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (num_frames, 240, 320, 3), dtype=np.uint8)
     crops = image_processing.video_frames(frames, cfg)
     item = visual_layout.VisualItem(kind="video", num_frames=num_frames)
-    torch_kwargs = {"pixel_values_videos": to_hf_pixels(crops)[None]}
-    return Sample(expand([item], cfg), crops, [item], torch_kwargs)
+    torch_kwargs = {"pixel_values_videos": to_hf_pixels(crops, cfg.vision)[None]}
+    return Sample(expand([item], cfg, frame), crops, [item], torch_kwargs)
 
 
 def text_sample() -> Sample:

@@ -21,9 +21,8 @@ from PIL import Image
 from data_pipelines import loader, records, sources, stats
 from data_pipelines.loader import LoaderConfig, NoSamplesError
 from data_pipelines.sample import BadSample
-from data_pipelines.tokenizer import build_qwen2_tokenizer
+from data_pipelines.tokenizer import build_qwen2_tokenizer, qwen2_token_ids
 from lov_jax import config
-from lov_jax.testing.tokenizers import qwen2_token_ids
 
 
 def _conv(q="<image>\nWhat is it?", a="A square."):
@@ -36,8 +35,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return config.tiny(token_ids=qwen2_token_ids())
+def cfg(tok):
+    return config.tiny(token_ids=qwen2_token_ids(tok))  # the tokenizer built once
 
 
 def _process(cfg, tok, max_tokens=4096, max_crops=16):

@@ -122,15 +122,14 @@ def static_reads(files: Iterable[str | Path]) -> set[tuple[str, str]]:
     for file in files:
         tree = ast.parse(Path(file).read_text(), str(file))
         alias: dict[str, str] = {}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target, tail = node.targets[0], _tail(node.value)
-                if isinstance(target, ast.Name) and tail is not None and tail != target.id:
-                    alias[target.id] = tail
         pairs = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute):
                 pairs.add((_tail(node.value), node.attr))
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, tail = node.targets[0], _tail(node.value)
+                if isinstance(target, ast.Name) and tail is not None and tail != target.id:
+                    alias[target.id] = tail
             elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
                 pairs.add((_tail(node.value), node.slice.value))
             elif (

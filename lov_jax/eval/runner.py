@@ -86,6 +86,13 @@ class ModelPredictor:
         req = (request.question, request.images, request.videos)
         return self.prompter.encode(self.cfg, req, num_frames=request.num_frames)
 
+    def check_fits(self, encoded, max_new_tokens: int) -> None:
+        """ContextError when the prompt + max_new_tokens exceed the model's context."""
+        from lov_jax.inference.engine import fit_context
+
+        context = self.cfg.text.max_position_embeddings
+        fit_context([len(encoded.tokens)], max_new_tokens, context, clip=False)
+
     def predict(self, encoded, max_new_tokens: int) -> list[str]:
         from lov_jax.inference.engine import GenerationConfig
 
@@ -96,6 +103,12 @@ class ModelPredictor:
         out = self.generator.generate(list(encoded), gen)
         tok = self.prompter.tokenizer
         return [tok.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+
+
+def _too_long(err: Exception) -> bool:
+    from lov_jax.inference.engine import ContextError
+
+    return isinstance(err, ContextError)
 
 
 # ---- per-process shard -------------------------------------------------------------------
@@ -211,8 +224,11 @@ def evaluate_shard(
                 continue
             try:
                 encoded = predictor.encode(rec)
+                if hasattr(predictor, "check_fits"):  # prompt + new tokens within the context
+                    predictor.check_fits(encoded, spec.max_new_tokens)
             except Exception as err:  # noqa: BLE001 - any decode failure is a counted bad record
-                bad = BadRecord(rec.id, rec.index, Reason.BAD_MEDIA, f"{type(err).__name__}: {err}",
+                reason = Reason.TOO_LONG_TOKENS if _too_long(err) else Reason.BAD_MEDIA
+                bad = BadRecord(rec.id, rec.index, reason, f"{type(err).__name__}: {err}",
                                 rec.question, rec.answers, rec.metric, rec.meta)  # fmt: skip
                 log(f"[{spec.name}] bad record {rec.id}: {bad.reason}: {bad.message}")
                 write([_error_row(spec, bad)])

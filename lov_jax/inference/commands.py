@@ -48,6 +48,7 @@ def _generate(args) -> int:
         params, cfg, [request], prompter=load_prompter(args), max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         num_frames=args.num_frames, mesh=local_mesh(args.mesh), return_output=True,
+        clip_to_context=args.clip_to_context,
     )  # fmt: skip
     if args.json:
         record = {
@@ -86,4 +87,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON record")
+    p.add_argument(
+        "--clip-to-context", action="store_true",
+        help="when prompt + --max-new-tokens exceed the model's context, generate only what "
+        "fits (a warning; default: an error)",
+    )  # fmt: skip
     p.set_defaults(func=_generate)

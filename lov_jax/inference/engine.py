@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 
@@ -42,7 +43,9 @@ PREFILL_KEYS = ("tokens", "pixels", "vis_idx", "vis_w")  # of the batch contract
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """Decoding knobs. temperature 0 = greedy; top_k 0 and top_p 1 disable the filters;
-    stop_ids None = the checkpoint's eos ids (`cfg.token_ids.eos`), () = never stop."""
+    stop_ids None = the checkpoint's eos ids (`cfg.token_ids.eos`), () = never stop.
+    clip_to_context: when prompt + max_new_tokens exceed the model's context, generate
+    only what fits (with a warning) instead of raising ContextError."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -50,10 +53,45 @@ class GenerationConfig:
     top_p: float = 1.0
     stop_ids: tuple[int, ...] | None = None
     seed: int = 0
+    clip_to_context: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+class ContextError(ValueError):
+    """A prompt (plus the tokens to generate) longer than the model's context."""
+
+
+def fit_context(lengths: Sequence[int], max_new_tokens: int, context: int, clip: bool) -> int:
+    """max_new_tokens that keeps every prompt (of `lengths` tokens) inside `context`
+    (the model's `text.max_position_embeddings`): unchanged, clipped (`clip`, warned), or
+    a ContextError naming the prompt."""
+    r = max(range(len(lengths)), key=lambda i: lengths[i])
+    n = lengths[r]
+    where = f"prompt {r}" if len(lengths) > 1 else "the prompt"
+    if n >= context:
+        raise ContextError(
+            f"{where} takes {n} tokens, the model's whole context of {context} "
+            "(text.max_position_embeddings) or more: shorten it or use fewer images / frames"
+        )
+    if n + max_new_tokens <= context:
+        return max_new_tokens
+    if not clip:
+        raise ContextError(
+            f"{where} takes {n} tokens and max_new_tokens is {max_new_tokens}: together they "
+            f"exceed the model's context of {context} (text.max_position_embeddings); lower "
+            "--max-new-tokens or pass --clip-to-context"
+        )
+    fit = context - n
+    print(
+        f"warning: {where} takes {n} tokens: generating at most {fit} new tokens, not "
+        f"{max_new_tokens} (the model's context is {context}; --clip-to-context)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return fit
 
 
 @dataclasses.dataclass
@@ -300,6 +338,12 @@ class Generator:
             raise ValueError(f"stop ids {list(stop_ids)} must lie in [0, {vocab})")
         if gen.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        lengths = [len(x.tokens) for x in prompts]
+        max_new = fit_context(
+            lengths, gen.max_new_tokens, self.cfg.text.max_position_embeddings,
+            gen.clip_to_context,
+        )  # fmt: skip
+        gen = dataclasses.replace(gen, max_new_tokens=max_new)
         b, p, n, m = self.shapes_for(prompts, gen.max_new_tokens)
         self.compiled_shapes.add((b, p, n, m))
         stop = np.full((MAX_STOP_IDS,), -1, np.int32)

@@ -46,6 +46,10 @@ class PromptError(ValueError):
     """A request whose placeholders and visual items do not agree, or a bad message."""
 
 
+class MediaError(PromptError):
+    """An image / video that cannot be decoded; the message names the file."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Prompter:
     """The checkpoint's tokenizer and prompt format.
@@ -159,17 +163,30 @@ def load_image(ref: Any):
     if isinstance(ref, (str, Path)):
         if not Path(ref).is_file():
             raise FileNotFoundError(f"image not found: {ref}")
-        with Image.open(ref) as im:
-            im.load()
-            return image_processing.to_rgb(im)
+        try:
+            with Image.open(ref) as im:
+                im.load()
+                return image_processing.to_rgb(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            # truncated / corrupt files: PIL's message often names no file
+            raise MediaError(f"cannot decode image {ref}: {err}") from err
     return image_processing.to_rgb(ref)
 
 
 def load_frames(ref: Any, num_frames: int) -> np.ndarray:
     """A video path (uniformly sampled `num_frames`) or frames uint8[F, H, W, 3]."""
     if isinstance(ref, (str, Path)):
-        return video.read_video(ref, num_frames)
-    return np.asarray(ref)
+        try:
+            return video.read_video(ref, num_frames)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as err:
+            msg = str(err) if str(ref) in str(err) else f"cannot decode video {ref}: {err}"
+            raise MediaError(msg) from err
+    frames = np.asarray(ref)
+    if frames.ndim != 4 or not len(frames):
+        raise MediaError(f"video frames must be uint8[F>0, H, W, 3], got shape {frames.shape}")
+    return frames
 
 
 def encode_ids(

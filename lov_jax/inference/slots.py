@@ -138,6 +138,12 @@ class SlotDecoder:
     def capacity_error(self, prompt: PromptInputs, max_new: int) -> str | None:
         """Why this prompt cannot be admitted (None: it can)."""
         n, crops = len(prompt.tokens), len(prompt.crops)
+        context = self.gen.cfg.text.max_position_embeddings
+        if n + max_new > context:
+            return (
+                f"the prompt takes {n} tokens and max_tokens is {max_new}: together they "
+                f"exceed the model's context of {context} tokens (text.max_position_embeddings)"
+            )
         try:
             p = self.gen.shapes_for([prompt], 1)[1]
         except ValueError as e:

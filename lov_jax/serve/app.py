@@ -309,6 +309,7 @@ class Service:
         if max_new is None:
             room = decoder.cache_len - decoder.gen.shapes_for([prompt], 1)[1] if (
                 decoder.capacity_error(prompt, 1) is None) else 1  # fmt: skip
+            room = min(room, decoder.gen.cfg.text.max_position_embeddings - len(prompt.tokens))
             max_new = max(1, min(self.config.default_max_tokens, room))
         if err := decoder.capacity_error(prompt, max_new):
             raise _bad(err, "messages")

@@ -243,3 +243,21 @@ def test_duplicate_record_ids_name_both_lines(tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     with pytest.raises(ValueError, match=r"dup.jsonl: record id 'x' on line 3 repeats line 1"):
         read_records(load_task(data))
+
+
+def test_record_beyond_the_context_is_a_counted_bad_record(task, tmp_path):
+    from lov_jax.inference.engine import ContextError, fit_context
+
+    class Short(FakePredictor):
+        def check_fits(self, encoded, max_new_tokens):
+            fit_context([len(encoded.question)], max_new_tokens, 60, clip=False)
+
+    pred = Short()
+    results = runner.run_eval([task], tmp_path / "o", pred, log=lambda s: None)
+    bad = results["bad_records"]["mix"]
+    recs = [r for r in read_records(load_task(task)) if not isinstance(r, BadRecord)]
+    long = {r.id for r in recs if len(r.question) + 8 > 60} - {"corrupt1"}  # (bad media first)
+    assert 0 < len(long) < len(recs) and not long & set(pred.calls)
+    assert bad["by_reason"]["too_long_tokens"] == len(long) and long <= set(bad["ids"])
+    with pytest.raises(ContextError):
+        Short().check_fits(read_records(load_task(task))[0], 8)

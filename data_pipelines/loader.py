@@ -74,7 +74,7 @@ class LoaderConfig:
 
     def __post_init__(self):
         if self.on_error not in POLICIES:
-            raise ValueError(f"on_error {self.on_error!r} not in {POLICIES}")
+            raise ValueError(f"loader on_error={self.on_error!r}: not in {POLICIES}")
         for name, low in (("batch_size", 1), ("max_tokens", 2), ("max_crops", 0), ("window", 1),
                           ("num_workers", 0), ("worker_buffer_size", 1), ("read_threads", 1),
                           ("read_buffer", 1)):  # fmt: skip

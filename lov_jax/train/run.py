@@ -57,16 +57,31 @@ def make_process_fn(config, cfg: ModelConfig, tokenizer):
     return functools.partial(records.process_record, cfg=cfg, tokenizer=tokenizer, options=options)
 
 
+# LoaderConfig field -> the config.data field it comes from (errors name the config's)
+_DATA_FIELDS = {"batch_size": "rows_per_host", "max_tokens": "seq_len", "max_crops": "max_crops",
+                "num_workers": "num_workers", "on_error": "skip_policy"}  # fmt: skip
+
+
+def loader_config(data, **kw):
+    """config.data (+ overrides) -> LoaderConfig; a bad value names its `data.*` field."""
+    from data_pipelines import loader
+
+    fields = {k: data[v] for k, v in _DATA_FIELDS.items()}
+    try:
+        return loader.LoaderConfig(**{**fields, "seed": data.seed, **kw})
+    except ValueError as err:
+        msg = str(err)
+        for k, v in _DATA_FIELDS.items():
+            msg = msg.replace(f"loader {k}=", f"data.{v}=")
+        raise ValueError(msg) from None
+
+
 def make_data(config, cfg: ModelConfig, tokenizer):
     """(records source, loader iterator) for config.data, repeating over epochs."""
     from data_pipelines import loader, sources
 
     data = config.data
-    lc = loader.LoaderConfig(
-        batch_size=data.rows_per_host, max_tokens=data.seq_len, max_crops=data.max_crops,
-        seed=data.seed, num_epochs=None, num_workers=data.num_workers,
-        on_error=data.skip_policy, pad_id=cfg.ids.pad,
-    )  # fmt: skip
+    lc = loader_config(data, num_epochs=None, pad_id=cfg.ids.pad)
     process = make_process_fn(config, cfg, tokenizer)  # budgets checked before any read
     recs = sources.open_source(
         data.train_path, image_folder=data.image_folder or None,
@@ -89,10 +104,8 @@ def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int
                                video_folder=data.video_folder or None, seed=data.seed,
                                on_error=data.skip_policy)  # fmt: skip
     probe = min(256, len(recs))
-    lc = loader.LoaderConfig(
-        batch_size=1, max_tokens=data.seq_len, max_crops=data.max_crops, seed=data.seed,
-        num_epochs=1, on_error="skip", pad_id=cfg.ids.pad,
-    )  # fmt: skip
+    lc = loader_config(data, batch_size=1, num_epochs=1, num_workers=0, on_error="skip",
+                       pad_id=cfg.ids.pad)  # fmt: skip
     subset = sources.SubsetSource(recs, np.arange(probe))
     it = loader.make_loader(subset, make_process_fn(config, cfg, tokenizer), cfg, lc)
     rows = sum(1 for _ in it)

@@ -324,3 +324,23 @@ def test_data_stats_counts_malformed_lines_and_stops_on_nothing(tmp_path, tok, c
     assert err.startswith("error: no usable sample in a whole pass over the 2 records of ")
     assert f"skipped: malformed_record 2 (first: malformed_record: {f}:" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("rows_per_host", 0, r"^data\.rows_per_host=0: must be an int >= 1$"),
+        ("seq_len", 1, r"^data\.seq_len=1: must be an int >= 2$"),
+        ("max_crops", -2, r"^data\.max_crops=-2: must be an int >= 0$"),
+        ("skip_policy", "skp", r"^data\.skip_policy='skp': not in \('skip', 'raise'\)$"),
+    ],
+)
+def test_bad_data_values_name_the_config_field(tmp_path, cfg, tok, field, value, match):
+    from configs import stage2_si
+    from lov_jax.train import run
+
+    c = stage2_si.get_config("tiny")
+    c.data.train_path = str(tmp_path / "never_read.json")
+    c.data[field] = value
+    with pytest.raises(ValueError, match=match):
+        run.make_data(c, cfg, tok)

@@ -55,7 +55,7 @@ def load_pretrained(
             f"{p}: neither an HF checkpoint (config.json + {SINGLE_NAME} or {INDEX_NAME}) "
             "nor an Orbax checkpoint (params/ item, or step directories)"
         )
-    step_dir = orbax_io.resolve_checkpoint(p, step)
+    step_dir = orbax_io.readable_step_dir(p, step)  # past corrupt steps, warned
     meta = orbax_io.param_metadata(step_dir)
     cfg = orbax_io.read_config(step_dir, meta)
     problems = orbax_io.check_metadata(meta, cfg)

@@ -189,7 +189,7 @@ def orbax_to_hf(
         problems.append(str(e))
     step_dir = cfg = meta = None
     try:
-        step_dir = orbax_io.resolve_checkpoint(ckpt, step)
+        step_dir = orbax_io.readable_step_dir(ckpt, step, finite=False)  # past corrupt steps
         meta = orbax_io.param_metadata(step_dir)
         cfg = orbax_io.read_config(step_dir, meta)
         problems += orbax_io.check_metadata(meta, cfg)

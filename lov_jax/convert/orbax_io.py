@@ -24,6 +24,10 @@ a manager root (latest step or an explicit one) or a workdir whose `checkpoints/
 is a manager root. Assets are looked up in the step dir, then the manager root,
 then the workdir (training copies the tokenizer files to one of these).
 
+`readable_step_dir` is `resolve_checkpoint` plus a read-back check (every param leaf
+readable, of its stored shape and finite) that falls back step by step past corrupt
+steps with one warning each (lov_jax/train/checkpoint.py quarantines them on resume).
+
 The vocabulary size and tying come from the stored shapes (embedding rows; an
 `lm_head` leaf or not), overriding the config (docs/reference.md 1.3).
 """
@@ -31,6 +35,7 @@ The vocabulary size and tying come from the stored shapes (embedding rows; an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +56,8 @@ from lov_jax.convert.hf_keys import (
 from lov_jax.convert.io_utils import copy_assets
 from lov_jax.convert.safetensors_io import load_checkpoint_tokenizer
 from lov_jax.token_ids import TokenIds, read_token_ids
+
+log = logging.getLogger(__name__)
 
 PARAMS, CONFIG, ASSETS = "params", "config", "assets"
 _STEP = re.compile(r"^(?:.*_)?(\d+)$")  # "123" (Orbax default) or "<prefix>_123"
@@ -105,6 +112,10 @@ def save_checkpoint(
         )
     copy_assets(assets_from, path / ASSETS)
     return path
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A step that cannot be read back as written (unreadable, misshapen or non-finite)."""
 
 
 # ---- locating a checkpoint -----------------------------------------------------------
@@ -250,3 +261,71 @@ def restore_params(
             step_dir / PARAMS,
             args=ocp.args.PyTreeRestore(item=unflatten(item), restore_args=unflatten(args)),
         )
+
+
+# ---- verified reading (generate / eval / convert on a training workdir) -------------
+
+
+def readable_step_dir(path: str | Path, step: int | None = None, *, finite: bool = True) -> Path:
+    """`resolve_checkpoint`, verified: the newest step whose config, metadata and
+    params read back finite, falling back step by step with one warning each (nothing is
+    moved: readers never change a workdir). An explicit `step` is verified, never
+    replaced: a corrupt one is a CorruptCheckpoint naming the steps there are.
+
+    `finite=False` skips the finiteness check (export checks numbers per tensor itself).
+    Verifying reads the params once more (host memory for one copy of them)."""
+    first = resolve_checkpoint(path, step)
+    steps = step_dirs(first.parent)
+    if step is not None or (Path(path) / PARAMS).is_dir():
+        candidates = [(step, first)]  # an explicit step, a step dir or a converted checkpoint
+    else:
+        candidates = sorted(steps.items(), reverse=True)
+    for i, (s, step_dir) in enumerate(candidates):
+        try:
+            verify_step_dir(step_dir, finite=finite)
+        except Exception as err:  # noqa: BLE001 - any read failure of the step: corrupt
+            if len(candidates) == 1:
+                others = f"; steps there: {sorted(steps)}" if steps else ""
+                message = corrupt_message(s, step_dir, err, "cannot read it") + others
+                raise CorruptCheckpoint(message) from err
+            left = candidates[i + 1 :]
+            nxt = f"falling back to step {left[0][0]}" if left else "no earlier step"
+            warn(corrupt_message(s, step_dir, err, f"left in place; {nxt}"))
+            continue
+        return step_dir
+    raise CorruptCheckpoint(f"{first.parent}: every checkpoint step is corrupt (warned above)")
+
+
+def verify_step_dir(step_dir: Path, finite: bool = True) -> None:
+    """Config and params of one step dir read back, each param leaf of its stored shape
+    and finite (one restore of the params as host arrays)."""
+    meta = param_metadata(step_dir)
+    cfg = read_config(step_dir, meta)
+    params = flatten(restore_params(step_dir, cfg, meta))
+    for path, (shape, _) in meta.items():
+        leaf = params.get(path)
+        if leaf is None or leaf.shape != shape:
+            got = None if leaf is None else leaf.shape
+            raise CorruptCheckpoint(f"{path} read as {got}, saved as {shape}")
+        if finite and np.issubdtype(leaf.dtype, np.inexact) and not np.isfinite(leaf).all():
+            raise CorruptCheckpoint(f"{path} holds non-finite values")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def corrupt_message(step: int | None, step_dir: Path, err: BaseException, action: str) -> str:
+    """The one warning a corrupt step gets (training and readers alike)."""
+    what = f"checkpoint step {step} ({step_dir})" if step is not None else f"checkpoint {step_dir}"
+    return f"{what} is corrupt ({one_line(err)}); {action}"
+
+
+def warn(message: str) -> None:
+    """One warning line on process 0's stdout (the log elsewhere), e.g. a corrupt step."""
+    if jax.process_index() == 0:
+        print(f"WARNING: {message}", flush=True)
+    else:
+        log.info(message)

@@ -31,7 +31,7 @@ def read_run(ckpt: str | Path, step: int | None = None):
     from lov_jax.convert import orbax_io
     from lov_jax.convert.hf_keys import target_shapes
 
-    step_dir = orbax_io.resolve_checkpoint(ckpt, step)
+    step_dir = orbax_io.readable_step_dir(ckpt, step)  # past corrupt steps, warned
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
         stored = ckptr.restore(step_dir / orbax_io.CONFIG)
     stage = stored.get("stage") if isinstance(stored, dict) else None

@@ -95,18 +95,27 @@ def batch_work(batch: dict, features_per_crop: int) -> tuple[list[int], int, int
 
 
 class MetricWriter:
-    """JSONL log + TensorBoard events (process 0 only)."""
+    """JSONL log + TensorBoard events (process 0 only).
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    `resume_step`: the step this run restarts from (0: a fresh start). Records of the
+    steps it will redo are dropped from `metrics.jsonl` (`truncate_jsonl`) and TensorBoard
+    purges events after it (`purge_step`), so every step is logged once.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.tb = None
         if enabled:
             Path(workdir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115
+            path = Path(workdir) / "metrics.jsonl"
+            if resume_step is not None:
+                truncate_jsonl(path, resume_step)
+            self.jsonl = open(path, "a")  # noqa: SIM115
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(workdir) / "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge)
             except ImportError:  # optional dependency
                 self.tb = None
 
@@ -126,3 +135,37 @@ class MetricWriter:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def truncate_jsonl(path: Path, resume_step: int) -> int:
+    """Keep the records a run resumed at `resume_step` will not write again; returns how
+    many were dropped. A record's "step" counts optimizer steps done when it was written:
+    a trained step k logs k + 1, a skipped (non-finite) attempt after k logs k with
+    "skipped": true, so the kept ones are step < S and the trained step S. Lines that do
+    not parse (a write cut by a kill) are dropped too."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            step = int(rec["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step < resume_step or (step == resume_step and not _skipped(rec)):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(path)
+    return dropped
+
+
+def _skipped(rec: dict) -> bool:
+    if "skipped" in rec:
+        return bool(rec["skipped"])
+    loss = rec.get("loss")  # records written before the marker: a skipped step's loss
+    return isinstance(loss, float) and not np.isfinite(loss)

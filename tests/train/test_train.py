@@ -223,7 +223,11 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys):
     data = SyntheticBatches()
     result = run_training(_run_config(), CFG, tmp_path, data, _init, 3, progress=False)
     assert result.resumed_from == 1
-    assert "unreadable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 2" in out and "corrupt" in out and "quarantine" in out
+    # the corrupt step is kept aside; the retrained step 2 is saved in its place
+    assert (tmp_path / "quarantine" / "2" / "params").is_dir()
+    assert (checkpoint.checkpoint_dir(tmp_path) / "2" / "params").is_dir()
 
 
 def test_resume_onto_a_different_mesh(tmp_path):

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lov_jax.token_ids import TokenIds
+
+if TYPE_CHECKING:
+    from lov_jax.models.rope import RopeScaling
 
 # 36 (h, w) pairs: outer loop over heights, inner over widths, multiples of 384.
 _GRID_SIDES = (384, 768, 1152, 1536, 1920, 2304)
@@ -174,6 +177,7 @@ class TextConfig:
     num_kv_heads: int = 2
     head_dim: int = 64
     rope_theta: float = 1e6
+    rope_scaling: RopeScaling | None = None  # None: default RoPE (lov_jax/models/rope.py)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True

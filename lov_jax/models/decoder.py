@@ -26,21 +26,12 @@ from lov_jax.config import TextConfig
 from lov_jax.models.attention import dot_product_attention
 from lov_jax.models.kv_cache import CACHE_AXES, KVCache
 from lov_jax.models.layers import RMSNorm, dense, scanned
+from lov_jax.models.rope import rope_cos_sin
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 # What an LLM call returns: final-norm hidden states float[B, T, H], logits float32[B, T, V],
 # or the logits of the last position only float32[B, 1, V] (left-padded prompts).
 OUTPUTS = ("hidden", "logits", "last_logits")
-
-
-def rope_cos_sin(
-    positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype
-) -> tuple[jax.Array, jax.Array]:
-    """int32[B, T] -> cos, sin: dtype[B, T, head_dim], computed in fp32 like HF."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -195,7 +186,7 @@ class Decoder(nn.Module):
         x = inputs
         if jnp.issubdtype(x.dtype, jnp.integer):
             x = self.embed_tokens(x)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        cos, sin = rope_cos_sin(positions, self.cfg, self.dtype)  # cfg.rope_scaling applied
         x = nn.with_logical_constraint(x.astype(self.dtype), _ACT)
         kv, kv_seg, index = (None, None, None) if cache is None else (
             (cache.k, cache.v), cache.segment_ids, cache.index

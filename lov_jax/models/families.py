@@ -35,6 +35,7 @@ from lov_jax.config import (
     VisionConfig,
 )
 from lov_jax.convert import key_tables
+from lov_jax.models import rope
 from lov_jax.models.clip import ClipVisionTower
 from lov_jax.models.decoder import Decoder
 from lov_jax.models.projector import LinearProjector, MultiModalProjector
@@ -146,18 +147,6 @@ def _check(t: dict, field: str, ok, want: str) -> None:
         raise ValueError(f"text_config.{field} = {t[field]!r}: {want}")
 
 
-def _rope_theta(t: dict) -> float:
-    """rope_parameters (transformers 5) or rope_theta + rope_scaling (4.x); only the
-    default rope (no scaling) for now."""
-    rope = t.get("rope_parameters") or {}
-    scaling = t.get("rope_scaling") or {}
-    for field, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        kind = d.get("rope_type", d.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"text_config.{field} rope_type {kind!r}: only 'default' RoPE")
-    return float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
-
-
 def _decoder_from_hf(t: dict, kind: str, defaults: dict) -> dict:
     """The TextConfig fields every family reads alike; `defaults`: its HF config's."""
     _check(t, "hidden_act", lambda a: a == "silu", "the decoder's MLP is SwiGLU (silu)")
@@ -166,6 +155,7 @@ def _decoder_from_hf(t: dict, kind: str, defaults: dict) -> dict:
     _check(t, "layer_types", lambda ts: len(set(ts or ())) <= 1, "one attention type for all")
     d = {**defaults, **{k: v for k, v in t.items() if v is not None}}
     hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    theta, scaling = rope.rope_from_hf(t, d["max_position_embeddings"])
     return {
         "kind": kind,
         "vocab_size": d["vocab_size"],
@@ -175,7 +165,8 @@ def _decoder_from_hf(t: dict, kind: str, defaults: dict) -> dict:
         "num_heads": heads,
         "num_kv_heads": d.get("num_key_value_heads") or heads,
         "head_dim": d.get("head_dim") or hidden // heads,
-        "rope_theta": _rope_theta(t),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
         "rms_norm_eps": d["rms_norm_eps"],
         "max_position_embeddings": d["max_position_embeddings"],
         "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
@@ -196,7 +187,7 @@ def _decoder_to_hf(t: TextConfig, model_type: str) -> dict:
         "rms_norm_eps": t.rms_norm_eps,
         "max_position_embeddings": t.max_position_embeddings,
         "rope_theta": t.rope_theta,
-        "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
+        "rope_parameters": rope.rope_to_hf(t.rope_theta, t.rope_scaling),
         "tie_word_embeddings": t.tie_word_embeddings,
         "attention_dropout": 0.0,
     }

@@ -247,7 +247,7 @@ def test_llm_config_readers_validate_fields():
         "mlp_bias": True,
         "hidden_act": "gelu",
         "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5},
-        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "rope_scaling": {"type": "longrope", "factor": 2.0},  # tests/models/test_rope_scaling.py
         "sliding_window": 8,
     }
     for field, value in bad.items():

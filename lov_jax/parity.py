@@ -1,7 +1,8 @@
 """`lov-jax check-parity`: HF processor + PyTorch model vs our preprocessing + JAX model.
 
 The HF class compared against is the one config.json's `model_type` names
-(`lov_jax.architectures.hf_class`: Llava, LlavaNext or LlavaOnevision ...ForConditionalGeneration).
+(`lov_jax.architectures.hf_class`: Llava, LlavaNext, LlavaOnevision or LlavaNextVideo
+...ForConditionalGeneration).
 
 Both sides start from the same raw inputs (prompt text, image files, a video
 file). HF's video processor needs torchvision, which we never install, so for
@@ -118,19 +119,22 @@ def hf_inputs(processor, cfg: ModelConfig, request, frame_crops):
     # Without a video processor HF refuses `<video>`: a special token that the text does
     # not hold stands in for it (special tokens split BPE, so the ids around it are the
     # ones `<video>` would give), the images are expanded by HF, and the stand-in's id
-    # becomes the video run of 196 * F + 1 here.
+    # becomes the video run HF's own `replace_video_token` gives for these frames
+    # (OneVision 196 * F + 1; NeXT-Video (S/p)^2 // 4 * F).
     tok = processor.tokenizer
     stand_in = next(t for t in tok.all_special_tokens if t not in text and t != "<image>")
     inputs = dict(processor(text=text.replace("<video>", stand_in, 1), images=image_arg,
                             return_tensors="pt"))  # fmt: skip
     ids = inputs["input_ids"][0].tolist()
     at = ids.index(tok.convert_tokens_to_ids(stand_in))
-    item = visual_layout.VisualItem(kind="video", num_frames=len(frame_crops))
-    ids[at : at + 1] = [cfg.ids.video] * visual_layout.num_tokens(item, cfg)
+    x = frame_crops.astype(np.float32) * np.float32(1 / 255)
+    mean, std = (np.float32(v) for v in (cfg.vision.image_mean, cfg.vision.image_std))
+    videos = ((x - mean) / std).transpose(0, 3, 1, 2)[None]  # [1, F, 3, S, S]
+    run = processor.replace_video_token({"pixel_values_videos": videos}, 0)
+    ids[at : at + 1] = [cfg.ids.video] * run.count(processor.video_token)
     inputs["input_ids"] = torch.tensor([ids])
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    x = frame_crops.astype(np.float32) * np.float32(1 / 255)
-    inputs["pixel_values_videos"] = torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))[None]
+    inputs["pixel_values_videos"] = torch.from_numpy(videos)
     return inputs
 
 

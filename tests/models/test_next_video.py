@@ -178,3 +178,43 @@ def test_export_loads_unchanged_with_the_same_logits(avg, tmp_path):
     np.testing.assert_array_equal(hf_logits(model.eval(), s), hf_logits(avg.hf, s))
     with pytest.raises(ValueError, match="spatial_pool_mode"):
         architectures.from_hf_config({**hf_cfg, "spatial_pool_mode": "conv"})
+
+
+def test_check_parity_and_greedy_generate_video_equal_hf(avg, tmp_path, capsys):
+    """`lov-jax check-parity --video --image` passes with HF's own <video> expansion, and
+    `lov-jax generate --video` (greedy) gives HF generate's tokens on the same mp4."""
+    from PIL import Image
+
+    from data_pipelines.hf_processor import load_hf_processor
+    from data_pipelines.video import write_video
+    from lov_jax import cli, parity
+    from lov_jax.inference.prompting import Prompter
+
+    rng = np.random.default_rng(7)
+    video, image = tmp_path / "v.mp4", tmp_path / "a.png"
+    write_video(video, rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (40, 90, 3), np.uint8)).save(image)
+    argv = ["check-parity", "--hf", str(avg.dir), "--video", str(video), "--image", str(image),
+            "--num-frames", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ids equal: True" in printed and "parity: PASS" in printed
+
+    request = parity.load_request("Describe it.", (), str(video), 3)
+    tokens, crops, _ = parity.our_inputs(avg.cfg, Prompter.from_checkpoint(avg.dir), request)
+    inputs = parity.hf_inputs(load_hf_processor(avg.dir), avg.cfg, request, crops)
+    np.testing.assert_array_equal(inputs["input_ids"][0].numpy(), tokens)
+    with torch.no_grad():
+        out = avg.hf.generate(
+            **inputs,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=avg.cfg.ids.pad,
+            eos_token_id=list(avg.cfg.ids.eos),
+        )
+    want = out[0, len(tokens):].tolist()  # fmt: skip
+    argv = ["generate", "--ckpt", str(avg.dir), "--prompt", "Describe it.", "--video",
+            str(video), "--num-frames", "3", "--max-new-tokens", "6", "--json"]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["token_ids"] == want, (record["token_ids"], want)

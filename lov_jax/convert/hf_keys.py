@@ -53,6 +53,7 @@ _PREFIXES: tuple[tuple[re.Pattern, str], ...] = tuple(
         (r"^model\.mm_projector\.(?=(weight|bias)$)", "projector.linear_1."),
         (r"^(model\.)?multi_modal_projector\.", "projector."),
         (r"^(model\.)?image_newline$", "image_newline"),
+        (r"^(model\.)?faster_token$", "faster_token"),  # LLaVA-Video SlowFast
         (r"^(language_model\.)?lm_head\.", "lm_head."),
         (r"^(language_model\.model|model\.language_model|language_model|model)\.", "text."),
     )
@@ -69,6 +70,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "vision.": "vision_tower.",
         "projector.": "multi_modal_projector.",
         "image_newline": "image_newline",
+        "faster_token": "faster_token",
         "text.": "language_model.model.",
         "lm_head.": "language_model.lm_head.",
     },
@@ -76,6 +78,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "vision.": "vision_tower.vision_model.",
         "projector.": "multi_modal_projector.",
         "image_newline": "image_newline",
+        "faster_token": "faster_token",
         "text.": "language_model.model.",
         "lm_head.": "language_model.lm_head.",
     },
@@ -84,6 +87,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "projector.linear_1.": "model.mm_projector.0.",
         "projector.linear_2.": "model.mm_projector.2.",
         "image_newline": "model.image_newline",
+        "faster_token": "model.faster_token",
         "text.": "model.",
         "lm_head.": "lm_head.",
     },
@@ -122,6 +126,7 @@ def _rules(vision: str, projector: str, llm: str) -> tuple[_Rule, ...]:
         for a, b, tf in families.projector(projector).keys
     ]
     rows.append(("image_newline", "image_newline", Transform.IDENTITY))
+    rows.append(("faster_token", "faster_token", Transform.IDENTITY))  # video.faster only
     for a, b, tf in families.llm(llm).keys:
         hf, canon = next((h, c) for h, c in _LLM_CANON if a.startswith(h))
         rows.append((canon + a[len(hf) :], _LLM + b, tf))

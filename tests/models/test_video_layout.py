@@ -277,3 +277,22 @@ def test_video_config_round_trip():
     orig = architectures.to_original_config(tiny(token_ids=IDS))
     assert architectures._video_config({**orig, "mm_spatial_pool_stride": 4},
                                        "llava_onevision", "x").pool_stride == 2  # fmt: skip
+
+
+def test_faster_token_converts_both_ways():
+    """SlowFast's faster_token: `model.faster_token` in the lmms-lab layout, and back."""
+    from lov_jax.convert.hf_keys import flatten, hf_to_params, params_to_hf
+
+    base = tiny(token_ids=TokenIds(pad=0, eos=(1,), image=5, video=6))
+    cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=64, num_layers=1),
+                       video=VideoConfig(newline="grid", faster=True))  # fmt: skip
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                          llava_onevision.abstract_params(cfg, boxed=False))  # fmt: skip
+    for layout, key in (("lmms_lab", "model.faster_token"), ("hf", "faster_token")):
+        tensors = params_to_hf(params, cfg, layout=layout)
+        np.testing.assert_array_equal(tensors[key], params["faster_token"])
+        back, want = flatten(hf_to_params(tensors, cfg)), flatten(params)
+        assert sorted(back) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(back[k], want[k], err_msg=k)

@@ -69,6 +69,10 @@ def base_config(preset: str, presets: tuple[str, ...] = PRESETS) -> ml_collectio
             # plain / mistral_instruct none); "": none; else that text.
             "system_prompt": "template_default",
             "frames_upbound": 32,  # video frame cap (finetune_ov.sh; earlier stages: no video)
+            # LLaVA-Video: always frames_upbound frames (linspace, repeats on short clips) and
+            # its time instruction before the question (data_pipelines/video.py)
+            "force_sample": False,
+            "add_time_instruction": False,
             "seq_len": 32768,  # L tokens per row
             "max_crops": 84,  # N crops per row (~L/400 on the OV mix)
             "rows_per_host": 1,  # B rows per host per micro-batch

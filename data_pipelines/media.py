@@ -40,12 +40,40 @@ class VideoOptions:
                      linspace(0, total-1, frames_upbound). <= 0 disables the cap.
     frame_folder_fps: assumed rate of a folder of frames; None keeps every frame
                      before the cap (a folder carries no timing).
+    add_time_instruction: prepend LLaVA-Video's time instruction to the turn holding the
+                     video placeholder (data_pipelines/video.py `time_instruction`).
     """
 
     fps: float = 1.0
     frames_upbound: int = 32
     force_sample: bool = False
     frame_folder_fps: float | None = None
+    add_time_instruction: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSample:
+    """Sampled frames uint8[F, H, W, 3], their indices in the video, its frame count and
+    average rate (None: unknown), and whether the indices came from linspace (the cap)."""
+
+    frames: np.ndarray
+    indices: np.ndarray
+    total: int
+    native_fps: float | None
+    resampled: bool
+
+    def time_instruction(self, fps: float, name: str = "") -> str:
+        """LLaVA-Video's instruction text for this sample (orig `_get_item`)."""
+        if not self.native_fps:
+            raise BadSample(
+                "malformed_record",
+                f"video {name}: the time instruction needs a frame rate (a frame folder: "
+                "set VideoOptions.frame_folder_fps)",
+            )
+        video_time, frame_time = video_lib.frame_times(
+            self.indices, self.total, self.native_fps, fps=fps, resampled=self.resampled
+        )
+        return video_lib.time_instruction(video_time, len(self.indices), frame_time)
 
 
 def _where(record_id: str) -> str:
@@ -125,12 +153,19 @@ def _frame_refs(ref: Any) -> tuple[list[Any], str] | None:
 
 def load_video(ref: Any, options: VideoOptions = VideoOptions(), record_id: str = "") -> np.ndarray:
     """Decode and sample a video reference -> uint8[F, H, W, 3] RGB, F >= 1."""
+    return load_video_sample(ref, options, record_id).frames
+
+
+def load_video_sample(
+    ref: Any, options: VideoOptions = VideoOptions(), record_id: str = ""
+) -> VideoSample:
+    """`load_video` with the sampling's indices and timing (`VideoSample`)."""
     frames = _frame_refs(ref)
     if frames is not None:
         refs, name = frames
         if not refs:
             raise BadSample("empty_video", f"video {name} has no frames{_where(record_id)}")
-        idx = video_lib.training_frame_indices(
+        idx, resampled = video_lib.training_sample(
             len(refs),
             options.frame_folder_fps,
             fps=options.fps,
@@ -145,7 +180,7 @@ def load_video(ref: Any, options: VideoOptions = VideoOptions(), record_id: str 
             raise BadSample(
                 "corrupt_video", f"video {name}: frames differ in size{_where(record_id)}"
             )
-        return np.stack(images)
+        return VideoSample(np.stack(images), idx, len(refs), options.frame_folder_fps, resampled)
 
     name = media_name(ref)
     if isinstance(ref, dict):
@@ -168,7 +203,7 @@ def load_video(ref: Any, options: VideoOptions = VideoOptions(), record_id: str 
     return _decode_sampled(opener, options, name, record_id)
 
 
-def _decode_sampled(opener, options: VideoOptions, name: str, record_id: str) -> np.ndarray:
+def _decode_sampled(opener, options: VideoOptions, name: str, record_id: str) -> VideoSample:
     import av
 
     try:
@@ -176,7 +211,7 @@ def _decode_sampled(opener, options: VideoOptions, name: str, record_id: str) ->
         if total <= 0:
             raise BadSample("empty_video", f"video {name} has zero frames{_where(record_id)}")
         for _ in range(2):
-            idx = video_lib.training_frame_indices(
+            idx, resampled = video_lib.training_sample(
                 total,
                 native_fps,
                 fps=options.fps,
@@ -185,7 +220,7 @@ def _decode_sampled(opener, options: VideoOptions, name: str, record_id: str) ->
             )
             frames, decoded = video_lib.decode_frames(opener(), idx)
             if all(f is not None for f in frames):
-                return np.stack(frames)
+                return VideoSample(np.stack(frames), idx, total, native_fps, resampled)
             # The header overstated the frame count: resample over what really decodes.
             total = decoded
             if total <= 0:

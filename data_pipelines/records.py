@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import chat, media
+from data_pipelines import video as video_lib
 from data_pipelines.image_processing import image_kind, preprocess
 from data_pipelines.prompt import expand_placeholders
 from data_pipelines.sample import BadSample, Reason, Sample, over_budget
@@ -117,6 +118,13 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
                 f"video record needs exactly one <image>/<video>, text has {n_image + n_video}",
             )
         turns = chat.image_to_video_placeholder(turns)
+        # decoded before tokenizing: the time instruction needs the sampled frame times
+        video = media.load_video_sample(video_ref, options.video)
+        if options.video.add_time_instruction:
+            text = video.time_instruction(options.video.fps, media.media_name(video_ref))
+            ph = chat.VIDEO_PLACEHOLDER
+            turns = [(r, video_lib.with_time_instruction(t, text, ph) if ph in t else t)
+                     for r, t in turns]  # fmt: skip
     elif n_video or n_image != len(image_refs):
         raise BadSample(
             Reason.PLACEHOLDER_MISMATCH,
@@ -129,8 +137,7 @@ def _process(record: dict, cfg: ModelConfig, tokenizer, options: RecordOptions) 
     # Media -> crops, in placeholder order (orig: image list order).
     crops, items = [], []
     if video_ref is not None:
-        frames = media.load_video(video_ref, options.video)
-        c, item = preprocess("video", frames, cfg)
+        c, item = preprocess("video", video.frames, cfg)
         crops.append(c)
         items.append(item)
     elif image_refs:

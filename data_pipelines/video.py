@@ -86,6 +86,15 @@ def training_frame_indices(
     `native_fps=None` (a folder of frames: no timing) keeps every frame before the cap.
     With `force_sample` and total < frames_upbound, indices repeat (as orig).
     """
+    return training_sample(total, native_fps, fps=fps, frames_upbound=frames_upbound,
+                           force_sample=force_sample)[0]  # fmt: skip
+
+
+def training_sample(
+    total: int, native_fps: float | None, *, fps: float, frames_upbound: int, force_sample: bool
+) -> tuple[np.ndarray, bool]:
+    """(`training_frame_indices`, whether the linspace branch chose them): `frame_times`
+    needs to know which of orig's two time formulas applies."""
     if total <= 0:
         raise ValueError("video has no frames")
     step = 1
@@ -94,8 +103,8 @@ def training_frame_indices(
         step = max(1, round(native_fps / fps))
     idx = np.arange(0, total, step)
     if frames_upbound > 0 and (len(idx) > frames_upbound or force_sample):
-        idx = np.linspace(0, total - 1, frames_upbound, dtype=int)
-    return idx
+        return np.linspace(0, total - 1, frames_upbound, dtype=int), True
+    return idx, False
 
 
 def probe_video(src) -> tuple[int, float | None]:

@@ -471,6 +471,18 @@ def demo(**kw: Any) -> ModelConfig:
     return ModelConfig(vision=vision, text=text, image_grid_pinpoints=pinpoints, **kw)
 
 
+def llava_video_7b(**kw: Any) -> ModelConfig:
+    """LLaVA-Video-7B-Qwen2 (../shared/REFERENCE_VIDEO_POST.md 2.5, 2.7): OneVision-7B whose
+    frames end every pooled row with a newline (mm_newline_position "grid"; 2x2 bilinear,
+    14 x 15 = 210 tokens per frame, 13440 for 64 frames)."""
+    return ov_7b(**{"video": VideoConfig(newline="grid"), **kw})
+
+
+def tiny_llava_video(**kw: Any) -> ModelConfig:
+    """`tiny` with LLaVA-Video's "grid" video newlines (tests)."""
+    return tiny(**{"video": VideoConfig(newline="grid"), **kw})
+
+
 PRESETS = {
     "ov_0_5b": ov_0_5b, "ov_7b": ov_7b, "ov_72b": ov_72b, "tiny": tiny, "demo": demo,
     "llava15_7b": llava15_7b, "llava15_13b": llava15_13b,
@@ -478,6 +490,7 @@ PRESETS = {
     "llava_next_llama3_8b": llava_next_llama3_8b, "llava_next_72b": llava_next_72b,
     "tiny_llava15": tiny_llava15, "tiny_llava_next": tiny_llava_next,
     "llava_next_video_7b": llava_next_video_7b, "tiny_llava_next_video": tiny_llava_next_video,
+    "llava_video_7b": llava_video_7b, "tiny_llava_video": tiny_llava_video,
 }  # fmt: skip
 
 

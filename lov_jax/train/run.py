@@ -49,7 +49,11 @@ def make_process_fn(config, cfg: ModelConfig, tokenizer):
             loss_mask=config.data.loss_mask,
             system_prompt=config.data.system_prompt or None,  # or chat.TEMPLATE_DEFAULT
         ),
-        video=media.VideoOptions(frames_upbound=config.data.frames_upbound),
+        video=media.VideoOptions(
+            frames_upbound=config.data.frames_upbound,
+            force_sample=config.data.force_sample,
+            add_time_instruction=config.data.add_time_instruction,
+        ),
         max_tokens=config.data.seq_len,
         max_crops=config.data.max_crops,
     )

@@ -1,8 +1,8 @@
 """configs/llava_video.py (../shared/REFERENCE_VIDEO_POST.md 2.5-2.7): it sets what the
 LLaVA-Video script changes; a 64-frame record becomes 13440 grid video tokens and 64 crops
 with the time instruction in its text; two of them fill a row's token and crop budgets;
-the 7B preset's forward traces at the recipe's budgets (what `lov-jax plan` lowers: it
-needs libtpu, absent here) and the `plan` command reads the recipe before asking for it."""
+the 7B preset's forward traces at the recipe's budgets (what `lov-jax plan` lowers; the
+plan itself needs libtpu, absent here, and then exits 2 naming it)."""
 
 from __future__ import annotations
 

@@ -118,6 +118,7 @@ _VIDEO_KEYS = (
 # only supported value is the one given (anything else would change the token stream).
 _ORIGINAL_IGNORED = {
     "mm_hidden_size", "mm_projector_lr", "mm_vision_tower_lr", "mm_tunable_parts",
+    "mm_spatial_pool_out_channels",  # the width of a conv pooler only (we refuse conv)
 }  # fmt: skip
 _ORIGINAL_FIXED = {
     "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
@@ -125,7 +126,8 @@ _ORIGINAL_FIXED = {
 }  # fmt: skip
 _ORIGINAL_READ = {
     "mm_vision_tower", "mm_projector_type", "mm_vision_select_layer",
-    "mm_vision_select_feature", "mm_patch_merge_type", *(k for k, _ in _VIDEO_KEYS),
+    "mm_vision_select_feature", "mm_patch_merge_type", "mm_resampler_type",
+    *(k for k, _ in _VIDEO_KEYS),
 }  # fmt: skip
 _SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
@@ -212,12 +214,13 @@ def _pinpoints(value: Any, source: str, field: str, transpose: bool = False) -> 
 def _video_config(hf: dict, arch: str, source: str) -> VideoConfig:
     """The VideoConfig of a config.json: HF NeXT-Video's `spatial_pool_*`, or the
     LLaVA-Video keys (`_VIDEO_KEYS`) of an original / OneVision config."""
-    if arch == "llava_next_video":
-        mode = hf.get("spatial_pool_mode", "average")
+    if arch == "llava_next_video":  # HF spatial_pool_*, original mm_spatial_pool_*
+        key = "mm_spatial_pool_" if is_original(hf) else "spatial_pool_"
+        mode = hf.get(key + "mode", "average")
         if mode not in ("average", "max"):
             why = "only 'average' / 'max' (no released checkpoint has conv pooler weights)"
-            raise _fail(source, "spatial_pool_mode", mode, why)
-        fields = {"pool_mode": mode, "pool_stride": hf.get("spatial_pool_stride", 2)}
+            raise _fail(source, key + "mode", mode, why)
+        fields = {"pool_mode": mode, "pool_stride": hf.get(key + "stride", 2)}
         base = NEXT_VIDEO
     else:
         fields = {f: hf[k] for k, f in _VIDEO_KEYS if k in hf}
@@ -354,6 +357,13 @@ def _build(parts, arch, strategy, strategy_field, kept, fields, source, override
 def _original_architecture(hf: dict, source: str) -> str:
     aspect = hf.get("image_aspect_ratio", "square")
     merge = hf.get("mm_patch_merge_type", "flat")
+    resampler = hf.get("mm_resampler_type")
+    if resampler is not None:  # LLaVA-NeXT-Video (lmms-lab, video_inference branch)
+        if resampler != "spatial_pool" or aspect != "anyres" or merge != "spatial_unpad":
+            raise _fail(source, "mm_resampler_type", resampler,
+                        "only 'spatial_pool' with image_aspect_ratio 'anyres' and "
+                        "mm_patch_merge_type 'spatial_unpad' (LLaVA-NeXT-Video)")  # fmt: skip
+        return "llava_next_video"
     if isinstance(aspect, str) and aspect.startswith("anyres_max_"):
         return "llava_onevision"
     if aspect == "anyres":
@@ -504,8 +514,6 @@ def to_original_config(cfg: ModelConfig) -> dict:
     written to ORIGINAL_TOWER_DIR."""
     from lov_jax.models import families
 
-    if cfg.architecture == "llava_next_video":
-        raise ValueError("LLaVA-NeXT-Video has no original-layout export here (use layout 'hf')")
     llm = {v: k for k, v in _ORIGINAL_LLMS.items() if "For" in k}[cfg.text.kind]
     mtype = {v: k for k, v in _ORIGINAL_LLMS.items() if "For" not in k}[cfg.text.kind]
     ids = cfg.ids
@@ -537,6 +545,12 @@ def to_original_config(cfg: ModelConfig) -> dict:
         out["image_grid_pinpoints"] = [[w, h] for h, w in cfg.image_grid_pinpoints]
     if cfg.architecture == "llava_onevision":
         out.update(_video_to_hf(cfg, original=True))
+    if cfg.architecture == "llava_next_video":  # the original SpatialPool's config keys
+        pool = _video_to_hf(cfg)
+        out |= {"mm_resampler_type": "spatial_pool",
+                "mm_spatial_pool_mode": pool["spatial_pool_mode"],
+                "mm_spatial_pool_stride": pool["spatial_pool_stride"],
+                "mm_spatial_pool_out_channels": cfg.vision.hidden_size}  # fmt: skip
     return out
 
 

@@ -218,3 +218,31 @@ def test_check_parity_and_greedy_generate_video_equal_hf(avg, tmp_path, capsys):
     assert cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["token_ids"] == want, (record["token_ids"], want)
+
+
+def test_lmms_lab_layout_both_ways(avg, odd_max, tmp_path):
+    """The original (lmms-lab) LLaVA-NeXT-Video config: `mm_resampler_type: spatial_pool`
+    with `mm_spatial_pool_*`; its tensors are the original NeXT names (no pooler weights)."""
+    from lov_jax.convert.hf_keys import flatten, hf_to_params
+
+    tower = tmp_path / architectures.ORIGINAL_TOWER_DIR
+    tower.mkdir()
+    for ld, mode in ((avg, "average"), (odd_max, "max")):
+        cfg = ld.cfg
+        orig = architectures.to_original_config(cfg)
+        assert (orig["mm_resampler_type"], orig["mm_spatial_pool_mode"]) == ("spatial_pool", mode)
+        (tower / "config.json").write_text(json.dumps(architectures.tower_to_hf(cfg)))
+        read = architectures.from_hf_config(orig, checkpoint_dir=tmp_path, token_ids=cfg.ids)
+        assert read == cfg
+        params = jax.tree.map(np.asarray, ld.params)
+        tensors = params_to_hf(params, cfg, layout="lmms_lab")
+        assert "model.mm_projector.0.weight" in tensors and "model.image_newline" in tensors
+        got, want = flatten(hf_to_params(tensors, cfg)), flatten(params)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for bad, key in (({"mm_spatial_pool_mode": "conv"}, "mm_spatial_pool_mode"),
+                     ({"mm_resampler_type": "perceiver"}, "mm_resampler_type"),
+                     ({"mm_patch_merge_type": "flat"}, "mm_resampler_type")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            architectures.from_hf_config({**orig, **bad}, checkpoint_dir=tmp_path)

@@ -45,9 +45,15 @@ def base_config(preset: str, presets: tuple[str, ...] = PRESETS) -> ml_collectio
     )
     # Initialise from an HF dir or an Orbax checkpoint (a previous stage's workdir).
     c.init_from = ""
-    # data/fsdp/tensor: sizes inside one slice, one may be -1 (whatever remains);
-    # num_devices < 0: every device.
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": -1})
+    # data/fsdp/context/tensor: sizes inside one slice, one may be -1 (whatever remains);
+    # num_devices < 0: every device. context > 1 shards each row's tokens (long rows):
+    # attention "ring" | "all_gather", rows "zigzag" (causal load balance) | "none"
+    # (lov_jax/models/ring.py; README "Long rows: the context axis").
+    c.mesh = ml_collections.ConfigDict(
+        {"data": 1, "fsdp": -1, "context": 1, "tensor": 1, "num_devices": -1}
+    )
+    c.mesh.context_strategy = "ring"
+    c.mesh.context_reorder = "zigzag"
     # Number of slices (multi-slice TPU, or hosts of a GPU cluster): the data axis across
     # DCN, so the global data axis is dcn_data * data (lov_jax.sharding.mesh_from_config).
     c.mesh.dcn_data = 1

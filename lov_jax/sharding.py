@@ -2,7 +2,8 @@
 
 Changing the parallelism means editing `LOGICAL_AXIS_RULES` (or passing another
 table), never the model. Mesh axes: `data` (pure data parallel), `fsdp`
-(data parallel + parameter/optimizer sharding), `tensor` (Megatron-style).
+(data parallel + parameter/optimizer sharding), `context` (the LLM's sequence: ring or
+all-gather-KV attention, lov_jax/models/ring.py), `tensor` (Megatron-style).
 
 Every mesh is built by `make_mesh` (commands through `mesh_from_flag`, the train loop
 through `mesh_from_config`, the planner on a TPU topology's devices), and every batch is
@@ -21,13 +22,13 @@ if TYPE_CHECKING:
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),  # context devices share the params and optimizer too
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -42,7 +43,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lora_rank", None),  # LoRA adapters' rank axis (lov_jax/lora)
     # activations
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),  # the LLM's tokens (L) over the context axis
+    ("activation_crops", ("data", "fsdp", "context")),  # the vision tower's B * N crops
+    ("activation_patches", None),  # patches of one crop (the tower's sequence)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
@@ -53,8 +56,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 # The one --mesh syntax (generate, eval, convert, plan); train reads the same sizes from
 # its config's `mesh` block (`mesh_from_config`).
 MESH_HELP = (
-    "mesh axis sizes, e.g. fsdp=4,tensor=2: any of data, fsdp, tensor (unnamed: data=1, "
-    "fsdp=the remaining devices, tensor=1); one size may be -1 (the remaining devices)"
+    "mesh axis sizes, e.g. fsdp=4,tensor=2: any of data, fsdp, context, tensor (unnamed: "
+    "data=1, fsdp=the remaining devices, context=1, tensor=1); one size may be -1 (the "
+    "remaining devices)"
 )
 
 
@@ -83,11 +87,12 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def mesh_shape(
-    data: int, fsdp: int, tensor: int, num_devices: int, dcn_data: int = 1
-) -> tuple[int, int, int]:
-    """The (data, fsdp, tensor) sizes inside one of `dcn_data` slices of `num_devices`, the
-    one -1 filled in; a ValueError unless they tile the devices."""
-    shape = [data, fsdp, tensor]
+    data: int, fsdp: int, tensor: int, num_devices: int, dcn_data: int = 1, *, context: int = 1
+) -> tuple[int, int, int, int]:
+    """The (data, fsdp, context, tensor) sizes (MESH_AXES order) inside one of `dcn_data`
+    slices of `num_devices`, the one -1 filled in; a ValueError unless they tile the
+    devices."""
+    shape = [data, fsdp, context, tensor]
     named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape) or dcn_data < 1:
         raise ValueError(f"mesh {named} dcn_data={dcn_data}: sizes must be >= 1, one may be -1")
@@ -115,21 +120,23 @@ def make_mesh(
     fsdp: int = -1,
     tensor: int = 1,
     *,
+    context: int = 1,
     dcn_data: int = 1,
     devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """The (data, fsdp, tensor) mesh every command builds; one size may be -1 (the rest).
+    """The (data, fsdp, context, tensor) mesh every command builds; one size may be -1.
 
-    `data`, `fsdp`, `tensor` are sizes inside one slice; `dcn_data` slices are stacked on
-    `data` over the data-center network, so the global data axis is `dcn_data * data`.
-    Slices are told apart by `device.slice_index` (TPU multi-slice) or, where that does
-    not give `dcn_data` groups (CPU/GPU clusters), by process.
+    `data`, `fsdp`, `context`, `tensor` are sizes inside one slice; `dcn_data` slices are
+    stacked on `data` over the data-center network, so the global data axis is
+    `dcn_data * data`. Slices are told apart by `device.slice_index` (TPU multi-slice) or,
+    where that does not give `dcn_data` groups (CPU/GPU clusters), by process. `context`
+    sits between fsdp and tensor: its ring's neighbours are near on the torus.
     """
     import jax
     from jax.sharding import AxisType, Mesh
 
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(data, fsdp, tensor, len(devices), dcn_data)
+    shape = mesh_shape(data, fsdp, tensor, len(devices), dcn_data, context=context)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if dcn_data == 1:
         return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
@@ -149,7 +156,7 @@ def make_mesh(
             f"cannot form dcn_data={dcn_data} slices"
         )
     array = mesh_utils.create_hybrid_device_mesh(
-        shape, (dcn_data, 1, 1), devices, process_is_granule=by_process
+        shape, (dcn_data, 1, 1, 1), devices, process_is_granule=by_process
     )
     return Mesh(array, MESH_AXES, axis_types=axis_types)
 
@@ -164,14 +171,19 @@ def mesh_from_config(
 ) -> Mesh:
     """The mesh of a stage config's `mesh` block (`configs/common.py`).
 
-    `data`, `fsdp`, `tensor`, `dcn_data` as in `make_mesh`; `num_devices` > 0 keeps only
-    the first that many devices (the CPU demo). A ValueError names the config fields.
+    `data`, `fsdp`, `context`, `tensor`, `dcn_data` as in `make_mesh`; `num_devices` > 0
+    keeps only the first that many devices (the CPU demo). `context_strategy` and
+    `context_reorder` are the context axis's attention (`context_from_config`), not sizes.
+    A ValueError names the config fields.
     """
-    fields = {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 1, "num_devices": -1}
-    unknown = set(mesh_config) - set(fields)
+    fields = {"data": 1, "fsdp": -1, "context": 1, "tensor": 1, "dcn_data": 1, "num_devices": -1}
+    unknown = set(mesh_config) - set(fields) - set(CONTEXT_FIELDS)
     if unknown:
-        raise ValueError(f"unknown config.mesh fields {sorted(unknown)}; expected {list(fields)}")
-    fields.update({k: int(v) for k, v in mesh_config.items()})
+        raise ValueError(
+            f"unknown config.mesh fields {sorted(unknown)}; expected "
+            f"{list(fields) + list(CONTEXT_FIELDS)}"
+        )
+    fields.update({k: int(v) for k, v in mesh_config.items() if k in fields})
     import jax
 
     devices = list(jax.devices() if devices is None else devices)
@@ -185,6 +197,22 @@ def mesh_from_config(
     except ValueError as err:
         named = " x ".join(f"mesh.{k}={v}" for k, v in fields.items())
         raise ValueError(f"{named}: {err}") from None
+
+
+# config.mesh fields of the context axis's attention (lov_jax/models/ring.py) and defaults.
+CONTEXT_FIELDS = {"context_strategy": "ring", "context_reorder": "zigzag"}
+
+
+def context_from_config(mesh_config: Mapping[str, object]):
+    """The `ring.ContextParallel` a stage config's mesh block asks for (strategy: "ring" |
+    "all_gather"; reorder: "zigzag" | "none"); a ValueError names a bad field."""
+    from lov_jax.models.ring import ContextParallel
+
+    kw = {k[len("context_") :]: mesh_config.get(k, v) for k, v in CONTEXT_FIELDS.items()}
+    try:
+        return ContextParallel(**kw)
+    except ValueError as err:
+        raise ValueError(f"config.mesh: {err}") from None
 
 
 def logical_to_spec(

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lov_jax.config import TextConfig
+from lov_jax.models import ring
 from lov_jax.models.attention import dot_product_attention
 from lov_jax.models.kv_cache import CACHE_AXES, KVCache
 from lov_jax.models.layers import RMSNorm, dense, scanned
@@ -68,7 +69,12 @@ class Attention(nn.Module):
             new_kv = tuple(
                 update(c, t.astype(c.dtype), start, axis=1) for c, t in zip(kv, (k, v), strict=True)
             )
-        if kv is None or index is None:
+        if (kv is None or index is None) and ring.context_size() > 1:  # T over `context`
+            out = ring.context_attention(
+                q, k, v, segment_ids=segment_ids, causal=True, sliding_window=cfg.sliding_window,
+                impl=self.attention_impl,
+            )  # fmt: skip
+        elif kv is None or index is None:
             out = dot_product_attention(
                 q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
                 sliding_window=cfg.sliding_window, impl=self.attention_impl,

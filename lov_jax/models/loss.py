@@ -8,6 +8,7 @@ not rematerialised: its backward runs right after its forward, so the peak is th
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -20,29 +21,42 @@ def chunked_cross_entropy(
     *,
     chunk_size: int = 1024,
     z_loss: float = 0.0,
+    shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed masked CE and the mask total.
 
     hidden: float[B, L, H] final-norm states; head_kernel: float[H, V];
     targets: int32[B, L] (already shifted); loss_mask: float32[B, L].
     Returns (sum of loss_mask * CE (+ z_loss * logsumexp^2), sum of loss_mask), fp32.
+
+    shards > 1 (the context axis, lov_jax/models/ring.py; L a multiple of it): each of
+    the `shards` contiguous blocks of L is chunked on its own and the blocks stay
+    sharded (`activation_length`), so every device projects only its own tokens. Both
+    sums are over tokens, so the token order (zigzag) does not change them.
     """
     b, length, h = hidden.shape
-    chunk = min(chunk_size, length)
-    pad = (-length) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-    n = (length + pad) // chunk
-    # [n, B, chunk, ...]: scan over chunks.
-    hs = hidden.reshape(b, n, chunk, h).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    ms = loss_mask.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
+    if length % shards:
+        raise ValueError(f"loss over {shards} sequence shards needs L % {shards} == 0; L={length}")
+    block = length // shards
+    chunk = min(chunk_size, block)
+    pad = (-block) % chunk
+    n = (block + pad) // chunk
+
+    def chunks(x):  # [B, L, ...] -> [n, B, shards, chunk, ...]: scan over chunks
+        x = x.reshape(b, shards, block, *x.shape[2:])
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        x = jnp.moveaxis(x.reshape(b, shards, n, chunk, *x.shape[3:]), 2, 0)
+        if shards > 1:
+            names = (None, "activation_batch", "activation_length", None, "activation_embed")
+            x = nn.with_logical_constraint(x, names[: x.ndim])
+        return x
+
+    hs, ts = chunks(hidden), chunks(targets)
+    ms = chunks(loss_mask.astype(jnp.float32))
     kernel = head_kernel.astype(hidden.dtype)
 
     def chunk_loss(h_c, t_c, m_c):
-        logits = jnp.einsum("BTH,HV->BTV", h_c, kernel, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BSTH,HV->BSTV", h_c, kernel, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         per_token = lse - target_logit

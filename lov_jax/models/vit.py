@@ -16,7 +16,8 @@ from lov_jax.config import VisionConfig
 from lov_jax.models.attention import dot_product_attention
 from lov_jax.models.layers import LayerNorm, dense, scanned
 
-ACT = ("activation_batch", "activation_length", "activation_embed")
+# Crops (B * N) over data x fsdp x context: the context axis shares the tower's work too.
+ACT = ("activation_crops", "activation_patches", "activation_embed")
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),

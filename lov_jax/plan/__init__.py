@@ -22,7 +22,7 @@ from lov_jax.plan.topology import (
     parse_topology,
     topology_devices,
 )
-from lov_jax.plan.train import PlanResult, plan, search
+from lov_jax.plan.train import SEARCH_CONTEXTS, PlanResult, plan, search
 
 __all__ = [
     "CHIPS",
@@ -32,6 +32,7 @@ __all__ = [
     "DoesNotFit",
     "PlanError",
     "PlanResult",
+    "SEARCH_CONTEXTS",
     "Topology",
     "build_mesh",
     "check_divisible",

@@ -19,11 +19,12 @@ from lov_jax.sharding import MESH_HELP
 
 def mesh_sizes(flag: str, num_slices: int = 1) -> dict[str, int]:
     """The `--mesh` flag (`sharding.parse_mesh`) as global sizes; data defaults to the
-    slice count, fsdp to the remaining chips, tensor to 1."""
+    slice count, fsdp to the remaining chips, context and tensor to 1."""
     from lov_jax import sharding
 
     try:
-        return {"data": num_slices, "fsdp": -1, "tensor": 1, **sharding.parse_mesh(flag)}
+        sizes = {"data": num_slices, "fsdp": -1, "context": 1, "tensor": 1}
+        return {**sizes, **sharding.parse_mesh(flag)}
     except ValueError as err:
         raise PlanError(str(err)) from None
 
@@ -32,6 +33,8 @@ def _plan(args) -> int:
     import os
 
     import jax
+
+    from lov_jax import sharding
 
     # The plan compiles for TPU through an AOT-only client; the host backend stays CPU
     # (libtpu must not go looking for local TPU chips or a metadata server).
@@ -58,9 +61,12 @@ def _plan(args) -> int:
         if args.search:
             log = functools.partial(print, flush=True)  # progress shows in a piped log
             log(f"searching meshes for {args.topology} (fsdp = remaining chips) ...")
+            given = sharding.parse_mesh(args.mesh)  # a context size fixes the search's
+            contexts = (given["context"],) if "context" in given else plan.SEARCH_CONTEXTS
             fitting, rejected = plan.search(
-                config, args.topology, num_slices=args.num_slices, log=log, **common
-            )
+                config, args.topology, num_slices=args.num_slices, log=log,
+                contexts=contexts, **common,
+            )  # fmt: skip
             if not fitting:
                 print("no configuration fits; rejected:")
                 for setting, why in rejected:
@@ -68,13 +74,13 @@ def _plan(args) -> int:
                 return 1
             print("\nfitting configurations, best estimated throughput first:")
             print(
-                f"{'data':>5} {'fsdp':>5} {'tensor':>6} {'remat':<24} {'rows':>4} "
+                f"{'data':>5} {'fsdp':>5} {'context':>7} {'tensor':>6} {'remat':<24} {'rows':>4} "
                 f"{'GiB/chip':>9} {'step s':>8} {'tokens/s':>12}"
             )
             for r in fitting:
-                d, f, t = r.mesh
+                d, f, c, t = r.mesh
                 print(
-                    f"{d:>5} {f:>5} {t:>6} {r.remat:<24} {r.rows_per_device:>4} "
+                    f"{d:>5} {f:>5} {c:>7} {t:>6} {r.remat:<24} {r.rows_per_device:>4} "
                     f"{r.total_bytes / plan.GIB:>9.2f} {r.step_seconds_compiled:>8.3f} "
                     f"{r.tokens_per_second:>12,.0f}"
                 )
@@ -142,7 +148,10 @@ def add_commands(sub) -> None:
         help="tokens per packed sample for the analytical FLOPs (default: a whole row)",
     )  # fmt: skip
     p.add_argument("--mfu", type=float, default=0.5, help="assumed model FLOPs utilisation")
-    p.add_argument("--search", action="store_true", help="grid over tensor x remat x rows")
+    p.add_argument(
+        "--search", action="store_true",
+        help="grid over context x tensor x remat x rows (--mesh context=C fixes context)",
+    )  # fmt: skip
     g = p.add_argument_group("decode step (the KV-cache generation loop of generate/eval)")
     g.add_argument("--decode", action="store_true", help="plan the decode step, not training")
     g.add_argument("--batch", type=int, default=None, help="rows decoded together")

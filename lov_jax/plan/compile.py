@@ -16,12 +16,18 @@ from lov_jax.plan.topology import DoesNotFit, PlanError
 
 
 def resolve_mesh(
-    num_chips: int, data: int = 1, fsdp: int = -1, tensor: int = 1, num_slices: int = 1
-) -> tuple[int, int, int]:
-    """Global (data, fsdp, tensor) with the -1 filled in; PlanError unless it tiles the chips.
+    num_chips: int,
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    num_slices: int = 1,
+    context: int = 1,
+) -> tuple[int, int, int, int]:
+    """Global (data, fsdp, context, tensor) (`sharding.MESH_AXES`) with the -1 filled in;
+    PlanError unless it tiles the chips.
 
     With several slices only data parallelism crosses the DCN: the global data axis is a
-    multiple of the slice count, fsdp x tensor live inside each slice.
+    multiple of the slice count, fsdp x context x tensor live inside each slice.
     """
     if num_slices > 1 and data != -1 and data % num_slices:
         raise PlanError(
@@ -30,26 +36,29 @@ def resolve_mesh(
         )
     per_slice = data // num_slices if data != -1 else -1
     try:
-        d, f, t = sharding.mesh_shape(per_slice, fsdp, tensor, num_chips, num_slices)
+        d, f, c, t = sharding.mesh_shape(
+            per_slice, fsdp, tensor, num_chips, num_slices, context=context
+        )
     except ValueError as err:
         raise PlanError(f"{err} (the topology's chips)") from None
-    return d * num_slices, f, t
+    return d * num_slices, f, c, t
 
 
-def build_mesh(devices, shape: tuple[int, int, int], num_slices: int = 1):
+def build_mesh(devices, shape: tuple[int, int, int, int], num_slices: int = 1):
     """The mesh `lov-jax train` builds on these devices (`sharding.make_mesh`).
 
-    `shape` is global; with several slices the data axis spans them (DCN) and fsdp x
-    tensor stay inside each slice (ICI-aware order).
+    `shape` is global (data, fsdp, context, tensor); with several slices the data axis
+    spans them (DCN) and the others stay inside each slice (ICI-aware order).
     """
-    data, fsdp, tensor = shape
+    data, fsdp, context, tensor = shape
     try:
         return sharding.make_mesh(
-            data // num_slices, fsdp, tensor, dcn_data=num_slices, devices=devices
-        )
+            data // num_slices, fsdp, tensor, context=context, dcn_data=num_slices,
+            devices=devices,
+        )  # fmt: skip
     except (ValueError, NotImplementedError) as err:
         raise PlanError(
-            f"cannot lay mesh data={data} fsdp={fsdp} tensor={tensor} out on the topology: "
+            f"cannot lay mesh {mesh_text(shape, 1)} out on the topology: "
             "the train mesh does not split physical torus axes, so each mesh axis inside a "
             "slice must be a product of some of the slice's dimensions "
             f"({str(err).splitlines()[0]})"
@@ -121,10 +130,10 @@ def out_of_memory(err: Exception, what: str) -> DoesNotFit | None:
     return DoesNotFit(f"the TPU compiler reports the {what} does not fit: {summary}")
 
 
-def mesh_text(mesh: tuple[int, int, int], num_slices: int) -> str:
-    d, f, t = mesh
+def mesh_text(mesh: tuple[int, int, int, int], num_slices: int) -> str:
+    d, f, c, t = mesh
     dcn = f" ({num_slices} slices over DCN x {d // num_slices} in-slice)" if num_slices > 1 else ""
-    return f"data={d}{dcn} fsdp={f} tensor={t}"
+    return f"data={d}{dcn} fsdp={f} context={c} tensor={t}"
 
 
 def format_seconds(s: float) -> str:

@@ -48,7 +48,7 @@ from lov_jax.plan.topology import GIB, PlanError, Topology, parse_topology, topo
 class DecodePlan(CompiledMemory):
     topology: Topology
     preset: str
-    mesh: tuple[int, int, int]
+    mesh: tuple[int, int, int, int]  # sharding.MESH_AXES
     batch: int
     cache_len: int
     new_tokens: int
@@ -138,6 +138,7 @@ def plan_decode(
     data: int = 1,
     fsdp: int = -1,
     tensor: int = 1,
+    context: int = 1,
     param_dtype: str = "bfloat16",
     num_slices: int = 1,
     devices=None,
@@ -152,6 +153,8 @@ def plan_decode(
     from lov_jax.train import metrics
 
     topo = topology if isinstance(topology, Topology) else parse_topology(topology, num_slices)
+    if context != 1:
+        raise PlanError(f"context={context}: the decode step shards no sequence (use context=1)")
     shape = resolve_mesh(topo.num_chips, data, fsdp, tensor, topo.num_slices)
     rows = sharding.batch_shards(dict(zip(sharding.MESH_AXES, shape, strict=True)))
     if batch < 1 or batch % rows:
@@ -160,9 +163,9 @@ def plan_decode(
         raise PlanError(f"need 0 < new_tokens ({new_tokens}) < cache_len ({cache_len})")
     cfg = cfg_from_config(config, None, "xla")  # decode attends the cache with XLA
     t = cfg.text
-    if t.num_kv_heads % shape[2] or t.num_heads % shape[2]:
+    if t.num_kv_heads % shape[3] or t.num_heads % shape[3]:
         raise PlanError(
-            f"tensor={shape[2]} must divide the query ({t.num_heads}) and kv "
+            f"tensor={shape[3]} must divide the query ({t.num_heads}) and kv "
             f"({t.num_kv_heads}) heads: the cache is split by kv head"
         )
     mesh = build_mesh(topology_devices(topo) if devices is None else devices, shape, num_slices)

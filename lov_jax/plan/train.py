@@ -54,7 +54,7 @@ REMAT_RECOMPUTE = {"full": 4 / 3, "dots": 1.0, "dots_with_no_batch_dims": 1.0, "
 class PlanResult(CompiledMemory):
     topology: Topology
     preset: str
-    mesh: tuple[int, int, int]
+    mesh: tuple[int, int, int, int]  # sharding.MESH_AXES
     remat: str
     attention: str
     rows_per_device: int
@@ -141,6 +141,7 @@ def plan(
     data: int = 1,
     fsdp: int = -1,
     tensor: int = 1,
+    context: int = 1,
     remat: str | None = None,
     attention: str = "splash",
     rows_per_device: int = 1,
@@ -159,7 +160,7 @@ def plan(
     from lov_jax.train.step import Trainer
 
     topo = topology if isinstance(topology, Topology) else parse_topology(topology, num_slices)
-    shape = resolve_mesh(topo.num_chips, data, fsdp, tensor, topo.num_slices)
+    shape = resolve_mesh(topo.num_chips, data, fsdp, tensor, topo.num_slices, context)
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu must be in (0, 1], got {mfu}")
     if rows_per_device < 1:
@@ -175,7 +176,10 @@ def plan(
     trainer = Trainer(
         cfg, config.optim, mesh, total_steps=1000, loss_chunk=config.train.loss_chunk,
         loss_tokens_per_row=config.train.get("loss_tokens_per_row", 0),
+        context=(cp := sharding.context_from_config(config.mesh)),
     )  # fmt: skip
+    if shape[2] > 1:  # the LLM's attention is the context strategy's (models/ring.py)
+        attention = f"{cp.strategy} over context={shape[2]} ({cp.reorder})"
     state = trainer.abstract_state()
     rows = rows_per_device * sharding.batch_shards(mesh.shape)  # B: rows over activation_batch
     a, b, n, length = accum, rows, max_crops, seq_len
@@ -222,10 +226,15 @@ def plan(
     )
 
 
+# Context sizes `search` tries (those the chips and the row length allow).
+SEARCH_CONTEXTS = (1, 2, 4, 8)
+
+
 def search(
     config,
     topology: str,
     *,
+    contexts: tuple[int, ...] = (1,),
     tensors: tuple[int, ...] = (1, 2, 4, 8),
     remats: tuple[str, ...] = ("full", "dots_with_no_batch_dims"),
     rows: tuple[int, ...] = (1, 2),
@@ -233,7 +242,7 @@ def search(
     log=print,
     **kw,
 ) -> tuple[list[PlanResult], list[tuple[dict, str]]]:
-    """Compile a small grid (tensor x remat x rows per device; fsdp = the rest).
+    """Compile a small grid (context x tensor x remat x rows per device; fsdp = the rest).
 
     Returns (fitting plans ranked by estimated tokens/s, then by HBM used, [(setting,
     reason)] that failed or did not fit). Within one (tensor, remat) a larger row count is
@@ -244,15 +253,16 @@ def search(
     devices = topology_devices(topo)
     data = topo.num_slices
     fitting, rejected = [], []
-    for tensor, remat in itertools.product(tensors, remats):
-        if topo.num_chips % (tensor * data):
+    for context, tensor, remat in itertools.product(contexts, tensors, remats):
+        if topo.num_chips % (context * tensor * data):
             continue
         for r in sorted(rows):
-            setting = {"data": data, "tensor": tensor, "remat": remat, "rows_per_device": r}
+            setting = {"data": data, "context": context, "tensor": tensor, "remat": remat,
+                       "rows_per_device": r}  # fmt: skip
             try:
                 res = plan(
-                    config, topo, data=data, fsdp=-1, tensor=tensor, remat=remat,
-                    rows_per_device=r, devices=devices, **kw,
+                    config, topo, data=data, fsdp=-1, tensor=tensor, context=context,
+                    remat=remat, rows_per_device=r, devices=devices, **kw,
                 )  # fmt: skip
             except Exception as err:  # noqa: BLE001 - report and keep searching
                 msg = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"

@@ -64,7 +64,7 @@ def run_training(
     loss_tokens = config.train.get("loss_tokens_per_row", 0)
     lora = _lora(config, cfg)
     trainer = Trainer(cfg, config.optim, mesh, total_steps, config.train.loss_chunk, loss_tokens,
-                      lora=lora)  # fmt: skip
+                      lora=lora, context=sharding.context_from_config(config.mesh))  # fmt: skip
     manager = checkpoint.make_manager(
         workdir, keep=config.train.ckpt_keep, keep_period=config.train.ckpt_keep_period
     )

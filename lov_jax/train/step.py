@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lov_jax import batch as batch_contract
 from lov_jax import sharding
 from lov_jax.config import ModelConfig
+from lov_jax.models import ring
 from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.models.loss import chunked_cross_entropy, gather_trained_positions
 from lov_jax.train import optimizer
@@ -44,8 +45,11 @@ def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float, loss_to
     """(sum of masked CE, number of trained tokens) for one micro-batch [B, L].
 
     `loss_tokens > 0`: the vocab projection runs only on the first that many trained
-    positions of each row (the loop guarantees no row has more).
+    positions of each row (the loop guarantees no row has more). On a mesh with a context
+    axis the rows are first padded and reordered for it (`ring.shard_sequence`): both
+    sums are over tokens, so they are the unsharded ones.
     """
+    batch = ring.shard_sequence(batch)  # unchanged without a context axis
     hidden = module(
         batch["tokens"], batch["positions"], batch["segment_ids"],
         batch.get("pixels"), batch.get("vis_idx"), batch.get("vis_w"), output="hidden",
@@ -53,9 +57,11 @@ def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float, loss_to
     targets, mask = batch["targets"], batch["loss_mask"]
     if loss_tokens:
         hidden, targets, mask = gather_trained_positions(hidden, targets, mask, loss_tokens)
+    shards = 1 if loss_tokens else ring.context_size()  # the loss stays sequence-sharded
     return chunked_cross_entropy(
-        hidden, module.head_kernel(), targets, mask, chunk_size=chunk, z_loss=z_loss
-    )
+        hidden, module.head_kernel(), targets, mask, chunk_size=chunk, z_loss=z_loss,
+        shards=shards,
+    )  # fmt: skip
 
 
 class Trainer:
@@ -64,13 +70,16 @@ class Trainer:
     `lora` (lov_jax.lora.adapters.Lora): params carry adapters beside their kernels, the
     groups holding adapters train only them, frozen leaves are held in its base_dtype and
     the model runs through `lora.apply` (adapter dropout keyed by the step).
+    `context` (ring.ContextParallel, `sharding.context_from_config`): attention over the
+    mesh's context axis and the rows' layout for it (default ring, zigzag).
     """
 
     def __init__(
         self, cfg: ModelConfig, optim, mesh: Mesh, total_steps: int, loss_chunk: int,
-        loss_tokens_per_row: int = 0, lora=None,
+        loss_tokens_per_row: int = 0, lora=None, context: ring.ContextParallel | None = None,
     ):  # fmt: skip
         self.cfg, self.optim, self.mesh, self.lora = cfg, optim, mesh, lora
+        self.context = sharding.context_from_config({}) if context is None else context
         self.model = LlavaOnevision(cfg)
         self.loss_chunk = loss_chunk
         self.loss_tokens = loss_tokens_per_row
@@ -166,7 +175,7 @@ class Trainer:
 
     @contextlib.contextmanager
     def _context(self):
-        with sharding.activation_rules(), jax.set_mesh(self.mesh):
+        with sharding.activation_rules(), jax.set_mesh(self.mesh), ring.layout(self.context):
             yield
 
     def _train_step(self, state: TrainState, batch: dict):

@@ -330,14 +330,14 @@ def test_preset_parameter_counts_equal_hf(name):
 @pytest.mark.parametrize("name", [*HUB, "tiny_llava15", "tiny_llava_next"])
 def test_preset_shardings_and_forward_build(name):
     """What `lov-jax plan` needs without libtpu: the rules table divides every param on a
-    (data 1, fsdp 4, tensor 2) mesh, and the forward traces (abstractly) at the preset's
+    (data 1, fsdp 4, context 1, tensor 2) mesh, and the forward traces (abstractly) at the preset's
     real shapes."""
     from lov_jax import batch, sharding
     from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
     from lov_jax.plan import check_divisible
 
     cfg = config.preset(name)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), sharding.MESH_AXES)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 1, 2), sharding.MESH_AXES)
     boxed = abstract_params(cfg)
     specs = sharding.params_sharding(boxed, mesh)
     leaves = nn.meta.unbox(boxed)

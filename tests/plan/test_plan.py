@@ -59,9 +59,10 @@ def test_bad_topology_names(name):
 
 
 def test_mesh_resolution_and_errors():
-    assert plan.resolve_mesh(64, 1, -1, 4) == (1, 16, 4)
-    assert plan.resolve_mesh(8, 2, 4, 1) == (2, 4, 1)
-    assert plan.resolve_mesh(16, 2, -1, 2, num_slices=2) == (2, 4, 2)
+    assert plan.resolve_mesh(64, 1, -1, 4) == (1, 16, 1, 4)
+    assert plan.resolve_mesh(8, 2, 4, 1) == (2, 4, 1, 1)
+    assert plan.resolve_mesh(16, 2, -1, 2, num_slices=2) == (2, 4, 1, 2)
+    assert plan.resolve_mesh(64, 1, -1, 2, context=8) == (1, 4, 8, 2)
     with pytest.raises(plan.PlanError, match="8 devices per slice .* not a multiple of 3"):
         plan.resolve_mesh(8, 1, -1, 3)
     with pytest.raises(plan.PlanError, match="needs 4 devices, have 8"):
@@ -84,9 +85,11 @@ def test_indivisible_shardings_are_named():
 
 
 def test_mesh_flag_is_global_with_data_over_slices():
-    assert commands.mesh_sizes("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}
+    sizes = {"data": 1, "fsdp": -1, "context": 1, "tensor": 2}
+    assert commands.mesh_sizes("fsdp=-1,tensor=2") == sizes
+    assert commands.mesh_sizes("context=4,tensor=2") == {**sizes, "context": 4}
     assert commands.mesh_sizes("tensor=2", num_slices=2)["data"] == 2  # data = slice count
-    assert commands.mesh_sizes("") == {"data": 1, "fsdp": -1, "tensor": 1}
+    assert commands.mesh_sizes("") == {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}
     with pytest.raises(plan.PlanError, match="'pipeline=2'"):
         commands.mesh_sizes("pipeline=2")
 
@@ -94,7 +97,7 @@ def test_mesh_flag_is_global_with_data_over_slices():
 def test_plan_mesh_is_the_train_mesh():
     # On stand-in devices: the planner lays the mesh out exactly as `lov-jax train` does.
     shape = plan.resolve_mesh(8, **commands.mesh_sizes("tensor=2"))
-    assert shape == (1, 4, 2)
+    assert shape == (1, 4, 1, 2)
     mesh = plan.build_mesh(jax.devices(), shape)
     assert mesh == sharding.mesh_from_config({"fsdp": -1, "tensor": 2})
 
@@ -132,7 +135,7 @@ def test_tiny_compiles_for_v5e_8():
     # auto-partitioned): 6 query / 2 kv heads over tensor=2.
     with jax.default_matmul_precision("default"):
         res = plan.plan(config, "v5e-8", fsdp=4, tensor=2, attention="splash")
-    assert res.mesh == (1, 4, 2)
+    assert res.mesh == (1, 4, 1, 2)
     assert res.global_rows == 4
     for field in ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes"):
         assert getattr(res, field) > 0, field
@@ -156,12 +159,12 @@ def test_preset_that_cannot_fit_at_all():
 @needs_libtpu
 def test_two_slices_put_data_over_dcn():
     topo = plan.parse_topology("v5e-4", num_slices=2)
-    mesh = plan.build_mesh(plan.topology_devices(topo), (2, 2, 2), num_slices=2)
+    mesh = plan.build_mesh(plan.topology_devices(topo), (2, 2, 1, 2), num_slices=2)
     for d in range(2):  # data index d = slice d; fsdp x tensor inside it
         assert {dev.slice_index for dev in mesh.devices[d].flat} == {d}
     with jax.default_matmul_precision("default"):
         res = plan.plan(tiny_config(), topo, data=2, tensor=2, attention="xla")
-    assert res.mesh == (2, 2, 2) and res.global_rows == 4
+    assert res.mesh == (2, 2, 1, 2) and res.global_rows == 4
     assert res.fits and res.temp_bytes > 0
     assert "2 slices over DCN" in "\n".join(res.lines())
 
@@ -173,7 +176,7 @@ def test_tiny_decode_step_compiles_for_v5e_4():
     res = plan.plan_decode(
         tiny_config(), "v5e-4", fsdp=2, tensor=2, batch=4, cache_len=256, new_tokens=64
     )
-    assert res.mesh == (1, 2, 2)
+    assert res.mesh == (1, 2, 1, 2)
     assert res.cache_bytes == 2 * (2 * 4 * 256 * 2 * 8 * 4) // 4
     assert res.alias_bytes >= res.cache_bytes  # the donated cache is updated in place
     assert 0 < res.lm_read_bytes < res.params_bytes < res.argument_bytes

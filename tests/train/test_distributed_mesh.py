@@ -34,14 +34,16 @@ class FakeDevice:
 
 
 def _ids(mesh) -> list:
-    return jax.tree.map(lambda d: d.id, mesh.devices.tolist())
+    """Device ids by (data, fsdp, tensor) of a mesh whose context axis has size 1."""
+    assert mesh.shape["context"] == 1
+    return jax.tree.map(lambda d: d.id, mesh.devices[:, :, 0].tolist())
 
 
 def test_default_config_uses_every_device():
     mesh = mesh_from_config(common.base_config("tiny").mesh)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
     mesh = mesh_from_config({"data": 2, "tensor": 2, "num_devices": 4})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "context": 1, "tensor": 2}
     assert set(mesh.devices.flat) == set(jax.devices()[:4])
 
 
@@ -49,11 +51,11 @@ def test_two_slices_stack_on_the_data_axis():
     # Two TPU slices of 4 chips, listed interleaved: each row of `data` is one slice.
     devices = [FakeDevice(i, process_index=i // 2, slice_index=i % 2) for i in range(8)]
     mesh = mesh_from_config({"fsdp": 4, "dcn_data": 2}, devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert _ids(mesh) == [[[0], [2], [4], [6]], [[1], [3], [5], [7]]]
     # data inside a slice too: global data = dcn_data * data, slice-major.
     mesh = mesh_from_config({"data": 2, "fsdp": -1, "dcn_data": 2}, devices)
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1}
     assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {0}, {1}, {1}]
 
 
@@ -61,13 +63,13 @@ def test_processes_are_slices_where_devices_have_no_slice_index():
     # A GPU/CPU cluster: every device says slice 0, so each process is a slice.
     devices = [FakeDevice(i, process_index=i // 4, slice_index=0) for i in range(8)]
     mesh = mesh_from_config({"fsdp": -1, "tensor": 2, "dcn_data": 2}, devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     assert _ids(mesh) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
 
 
 def test_mesh_that_does_not_tile_the_devices_names_the_fields():
-    with pytest.raises(ValueError, match=r"mesh\.data=1 x mesh\.fsdp=8 x mesh\.tensor=1 x "
-                       r"mesh\.dcn_data=2: .* needs 16 devices, have 8"):  # fmt: skip
+    named = r"mesh\.data=1 x mesh\.fsdp=8 x mesh\.context=1 x mesh\.tensor=1 x mesh\.dcn_data=2"
+    with pytest.raises(ValueError, match=named + ": .* needs 16 devices, have 8"):
         mesh_from_config({"fsdp": 8, "dcn_data": 2})
     with pytest.raises(ValueError, match=r"mesh\.tensor=3 x mesh\.dcn_data=2: .*4 devices per "
                        "slice .* not a multiple of 3"):  # fmt: skip
@@ -116,7 +118,7 @@ def test_every_command_builds_the_same_mesh():
 
     flag = "fsdp=4,tensor=2"
     want = make_mesh(1, 4, 2)
-    assert dict(want.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(want.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
     assert local_mesh(flag) == want  # generate, eval
     assert sharding.mesh_from_flag(flag) == want  # convert hf-to-orbax
     assert mesh_from_config({"fsdp": 4, "tensor": 2}) == want  # train
@@ -152,3 +154,24 @@ def test_xpk_multi_slice_train_job_sets_dcn_data():
     assert own.count("dcn_data") == 1 and "dcn_data=1" in own
     assert "dcn_data" not in command(*train)  # one slice
     assert "dcn_data" not in command("--num-slices", "2", "eval", "--ckpt", "/gcs/w")
+
+
+def test_context_axis_in_config_flag_and_rules():
+    from jax.sharding import PartitionSpec as P
+
+    from lov_jax.models import ring
+
+    mesh = mesh_from_config({"fsdp": 2, "context": 4, "context_strategy": "all_gather"})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}
+    want = make_mesh(fsdp=2, tensor=2, context=2)
+    assert sharding.mesh_from_flag("context=2,tensor=2,fsdp=2") == want
+    assert parse_mesh("context=-1, tensor=2") == {"context": -1, "tensor": 2}
+    with pytest.raises(ValueError, match=r"mesh\.context=3 .* not a multiple of 3"):
+        mesh_from_config({"context": 3})
+    stage = common.base_config("tiny").mesh
+    assert sharding.context_from_config(stage) == ring.ContextParallel("ring", "zigzag")
+    # The LLM's tokens over context, the tower's crops too; params over fsdp x context.
+    act = sharding.logical_to_spec(("activation_batch", "activation_length", "activation_embed"))
+    assert act == P(("data", "fsdp"), "context", None)
+    assert sharding.logical_to_spec(("activation_crops",)) == P(("data", "fsdp", "context"))
+    assert sharding.logical_to_spec(("embed", "mlp")) == P(("fsdp", "context"), "tensor")

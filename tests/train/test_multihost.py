@@ -91,7 +91,7 @@ def _worker(workdir: str, task: str) -> None:
     rank = jax.process_index()
     # Two "slices" (one per process: CPU devices have no slice_index) on the data axis.
     mesh = sharding.mesh_from_config(_config(multi).mesh)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     if multi:
         assert [{d.process_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
 

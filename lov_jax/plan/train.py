@@ -10,13 +10,16 @@ slices (DCN), fsdp and tensor inside each, as `lov-jax train` builds it.
 Estimates: step time = FLOPs / (chips * peak bf16 FLOP/s * MFU). The analytical
 (model) FLOPs are `metrics.step_flops` with one sample per row (`sample_len`
 tokens per sample, default the whole row: the attention-heaviest packing) and
-every crop slot used. Compiled FLOPs come from XLA's cost analysis of the
-per-chip program times the chip count. Two limits of that figure: custom calls
-(the Pallas splash kernel) are not counted, and a while loop's body is counted
-once, not once per trip, so with scanned layers (and the micro-batch scan) the
-compiled figure is far below the real work (about 1/num_layers of it). It is
-printed, but the estimates use the model FLOPs times a recompute factor for the
-remat policy (full remat re-runs each block's forward: x4/3 of fwd+bwd).
+every crop slot used. Compiled FLOPs are read from the per-chip optimized HLO
+(`plan.flops.hlo_flops`, times the chip count): matmul FLOPs with each while body
+(scanned layers, the micro-batch scan, the chunked loss) counted times its
+`known_trip_count`, and the splash kernels from their formula; XLA's own
+`cost_analysis()` (each body once, no custom calls) is printed beside it. The
+executed figure (`plan.flops.executed_flops`) is the model FLOPs plus the recompute
+the step must do (remat, the loss's head forward, the attention kernel's), so
+compiled / executed shows whether the compiled step does wasted or missing work.
+The step time uses the model FLOPs times the remat policy's recompute factor (full
+remat re-runs each block's forward: x4/3 of fwd+bwd).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import itertools
 
 from lov_jax import sharding
+from lov_jax.plan import flops
 from lov_jax.plan.compile import (
     CompiledMemory,
     build_mesh,
@@ -67,8 +71,10 @@ class PlanResult(CompiledMemory):
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    compiled_flops: float  # whole step, all chips (custom calls not counted)
+    compiled_flops: float  # whole step, all chips: HLO matmuls x trip counts + kernels
     analytical_flops: float  # whole step, model FLOPs
+    executed_flops: float  # model FLOPs + the recompute the step must do (plan.flops)
+    xla_cost_flops: float  # XLA's cost_analysis() x chips (while bodies once, no kernels)
     mfu: float
     compile_s: float  # lowering + compiling
     lower_s: float = 0.0
@@ -100,7 +106,7 @@ class PlanResult(CompiledMemory):
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
         head = self.capacity_bytes - self.total_bytes
-        ratio = self.compiled_flops / self.analytical_flops if self.analytical_flops else 0
+        ratio = self.compiled_flops / self.executed_flops if self.executed_flops else 0
         chips = self.topology.num_chips
         return [
             f"topology     {self.topology.describe()}",
@@ -121,9 +127,14 @@ class PlanResult(CompiledMemory):
             f"GiB -> {'FITS' if self.fits else 'DOES NOT FIT'}",
             "FLOPs per step",
             f"  compiled   {self.compiled_flops:.4g} ({self.compiled_flops / chips:.4g}/chip; "
-            "XLA counts scan bodies once and no custom calls: a lower bound)",
+            "HLO matmuls x while trip counts + splash kernels)",
+            f"  executed   {self.executed_flops:.4g} (model FLOPs + remat / loss / kernel "
+            "recompute)",
             f"  analytical {self.analytical_flops:.4g} (model FLOPs, one sample per row)",
-            f"  ratio      {ratio:.3f} compiled/analytical",
+            f"  ratio      {ratio:.3f} compiled/executed, "
+            f"{self.compiled_flops / self.analytical_flops:.3f} compiled/analytical",
+            f"  XLA cost   {self.xla_cost_flops:.4g} (cost_analysis: scan bodies once, no "
+            "custom calls)",
             f"estimate at {100 * self.mfu:.0f}% MFU",
             f"  step time  {format_seconds(self.step_seconds)} (model FLOPs); "
             f"{format_seconds(self.step_seconds_compiled)} with remat recompute "
@@ -199,9 +210,15 @@ def plan(
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
     per_chip_flops = float((cost or {}).get("flops", 0.0))
+    counted = flops.hlo_flops(compiled.as_text())
     sample = min(sample_len or seq_len, seq_len)
     per_row = [sample] * (seq_len // sample) + ([seq_len % sample] if seq_len % sample else [])
     analytical = metrics.step_flops(cfg, per_row * (a * b), a * b * n, config.optim.trainable)
+    executed = flops.executed_flops(
+        cfg, per_row * (a * b), a * b * n, config.optim.trainable, rows=a * b,
+        seq_len=seq_len, loss_chunk=config.train.loss_chunk,
+        recompute=REMAT_RECOMPUTE.get(cfg.remat_policy, 1.0),
+    )  # fmt: skip
     return PlanResult(
         topology=topo,
         preset=config.model.preset,
@@ -218,8 +235,10 @@ def plan(
         alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes),
-        compiled_flops=per_chip_flops * topo.num_chips,
+        compiled_flops=counted.total * topo.num_chips,
         analytical_flops=analytical,
+        executed_flops=executed,
+        xla_cost_flops=per_chip_flops * topo.num_chips,
         mfu=mfu,
         compile_s=compile_s,
         lower_s=lower_s,

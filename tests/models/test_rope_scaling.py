@@ -145,7 +145,7 @@ def test_yarn_attention_factor_scales_cos_and_sin():
     np.testing.assert_array_equal(sin, 0.0)
 
 
-@pytest.mark.parametrize("name", ["dynamic_qwen2", "dynamic_llama_type"])
+@pytest.mark.parametrize("name", ["dynamic_qwen2"])  # Llama's rotary code is the same
 def test_dynamic_follows_hf_through_prefill_decode_and_reset(name):
     """HF's stateful module: a long prefill grows theta, each decode step grows it again,
     a short call resets it; our stateless tables equal it at every call (module doc)."""
@@ -250,24 +250,24 @@ def test_llm_logits_equal_hf(llm):
 
 @pytest.mark.parametrize("llm", ["qwen2_dynamic"], indirect=True)  # one rotary code
 def test_dynamic_cached_decode_equals_hf_generate_steps(llm):
-    """Prefill 12 tokens (under max_position_embeddings 16), decode 11 more one at a time
+    """Prefill 12 tokens (under max_position_embeddings 16), decode 7 more one at a time
     through the KV cache, crossing 16: every step equals HF with its DynamicCache."""
     from transformers import DynamicCache
 
     name, hf, cfg, params = llm
-    ids = np.random.default_rng(5).integers(0, 97, (1, 23))
+    ids = np.random.default_rng(5).integers(0, 97, (1, 19))
     past = DynamicCache(config=hf.config)
     ref = [_hf_logits(hf, ids[:, :12], past_key_values=past, use_cache=True).logits[0].numpy()]
-    for t in range(12, 23):
+    for t in range(12, 19):
         out = _hf_logits(hf, ids[:, t : t + 1], past_key_values=past, use_cache=True,
                          position_ids=torch.tensor([[t]]))  # fmt: skip
         ref.append(out.logits[0].numpy())
-    seg = jnp.ones((1, 23), jnp.int32)
+    seg = jnp.ones((1, 19), jnp.int32)
     cache = KVCache.empty(cfg.num_layers, seg, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
     step = jax.jit(lambda i, q, s, c: Decoder(cfg).apply({"params": params}, i, q, s, c))
     logits, cache = step(ids[:, :12], jnp.arange(12)[None], seg[:, :12], cache)
     got = [np.asarray(logits)[0]]
-    for t in range(12, 23):
+    for t in range(12, 19):
         logits, cache = step(ids[:, t : t + 1], jnp.full((1, 1), t), seg[:, :1], cache)
         got.append(np.asarray(logits)[0])
     diff = float(np.max(np.abs(np.concatenate(got) - np.concatenate(ref))))

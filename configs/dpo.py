@@ -10,6 +10,11 @@ smoothing, no SFT term (the script's `--dpo_alpha 1 --gamma 0`), the reference a
 copy of `init_from` run in every step (ZeRO-3 path). `loop` holds the OV-Chat iteration:
 3 rounds, 5 samples per prompt at temperature 0.7 / top-p 0.9, best vs worst by the judge
 (`lov-jax dpo-loop`).
+
+`lora` is configs/lora.py's block, off: `--config.lora.enabled=true` trains the policy
+through LoRA adapters (r 128, alpha 256 on the LLM's projections; the groups of
+`optim.trainable` holding adapters train only them), the reference being the frozen base
+with the adapters off; `lov-jax convert orbax-to-peft --ckpt WORKDIR` exports the run.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import PRESETS, base_config
+from configs.lora import lora_block
 
 
 def get_config(preset: str = "ov_7b") -> ml_collections.ConfigDict:
@@ -39,6 +45,7 @@ def get_config(preset: str = "ov_7b") -> ml_collections.ConfigDict:
             "sft_weight": 0.0,  # LLaVA-NeXT's gamma
         }
     )
+    c.lora = lora_block(enabled=False)
     c.loop = ml_collections.ConfigDict(
         {
             "rounds": 3,

@@ -21,8 +21,13 @@ def get_config(preset: str = "llava15_7b"):
     c.optim.lr = 2e-4  # the adapters (the LLM group)
     c.optim.projector_lr = 2e-5
     c.optim.trainable = ("projector", "llm")
-    lora = adapters.LoraConfig()
-    c.lora = ml_collections.ConfigDict(
-        {"enabled": True, **{f: getattr(lora, f) for f in adapters.FIELDS if f != "enabled"}}
-    )
+    c.lora = lora_block(enabled=True)
     return c
+
+
+def lora_block(enabled: bool = True) -> ml_collections.ConfigDict:
+    """The `lora` group with LoraConfig's defaults (configs/dpo.py holds it disabled)."""
+    lora = adapters.LoraConfig()
+    return ml_collections.ConfigDict(
+        {"enabled": enabled, **{f: getattr(lora, f) for f in adapters.FIELDS if f != "enabled"}}
+    )

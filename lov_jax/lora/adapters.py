@@ -116,6 +116,12 @@ def from_config(block: Mapping | None) -> LoraConfig | None:
     return LoraConfig(**block)
 
 
+def from_stage(config, cfg: ModelConfig) -> Lora | None:
+    """A stage config's `lora` block (train, DPO) bound to the model, or None."""
+    lcfg = from_config(config.get("lora"))
+    return None if lcfg is None else Lora(lcfg, cfg)
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One adapted dense layer: our module path, its kernel's HF split and HF name."""

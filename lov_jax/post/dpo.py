@@ -38,12 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines.sample import BadSample, Reason, Sample
 from lov_jax import sharding
 from lov_jax.config import ModelConfig
-from lov_jax.models.llava_onevision import LlavaOnevision, abstract_params
+from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.models.loss import gather_trained_positions
 from lov_jax.train import optimizer
 from lov_jax.train.step import TrainState, fresh_state
@@ -302,17 +303,26 @@ class DPOTrainer:
     Batch: the batch contract with a leading micro-batch axis A, plus `REF_KEY` when the
     reference is precomputed. Loss and metrics are means over every pair of the step (the
     SFT term, if any, a mean over the chosen targets), however the step is split.
+
+    `lora` (lov_jax.lora.adapters.Lora): the policy is the base plus adapters, trained as
+    `lov_jax.train.step.Trainer` trains them (`adapters.params_and_labels`, `Lora.prepare`,
+    `Lora.apply`, adapter dropout keyed by the step). The reference is then the policy's
+    own frozen base with the adapters off (TRL's PEFT path, `null_ref_context`): the
+    reference params are only the starting copies of the fully trained non-adapter leaves
+    (the projector, `reference_view`), so the LLM is held once.
     """
 
     def __init__(
         self, cfg: ModelConfig, optim, options: DPOOptions, mesh: Mesh, total_steps: int,
-        loss_chunk: int = 1024, loss_tokens_per_row: int = 0,
+        loss_chunk: int = 1024, loss_tokens_per_row: int = 0, lora=None,
     ):  # fmt: skip
+        from lov_jax.lora.adapters import params_and_labels
+
         self.cfg, self.optim, self.options, self.mesh = cfg, optim, options, mesh
-        self.model = LlavaOnevision(cfg)
+        self.model, self.lora = LlavaOnevision(cfg), lora
         self.loss_chunk, self.loss_tokens = loss_chunk, loss_tokens_per_row
-        boxed = abstract_params(cfg)
-        self.labels = optimizer.param_labels(nn.meta.unbox(boxed), optim)
+        boxed, self.labels = params_and_labels(cfg, optim, lora)
+        self._boxed = boxed
         self.tx, self.schedules = optimizer.make_optimizer(optim, total_steps, self.labels)
         trainable_boxed, _ = optimizer.split_params(boxed, self.labels)
         self.params_sharding = sharding.params_sharding(boxed, mesh)
@@ -325,7 +335,9 @@ class DPOTrainer:
         self.batch_sharding = sharding.batch_sharding(mesh, micro_batched=True)
         replicated = NamedSharding(mesh, PartitionSpec())
         # a precomputed reference: no reference params travel (None is an empty pytree)
-        ref_sharding = self.params_sharding if options.reference == "step" else None
+        ref_sharding = None
+        if options.reference == "step":
+            ref_sharding = self.reference_view(self.params_sharding)
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.state_sharding, ref_sharding, self.batch_sharding),
@@ -340,19 +352,54 @@ class DPOTrainer:
     # ---- state -------------------------------------------------------------------------
 
     def init_state(self, params) -> TrainState:
-        """Place params on the mesh with a fresh optimizer state (donated by `step`)."""
+        """Place params on the mesh with a fresh optimizer state (donated by `step`); with
+        LoRA fresh adapters unless `params` hold them."""
+        if self.lora is not None:
+            params = self.lora.prepare(params, self.labels)
         with self._context():
             return fresh_state(params, self.labels, self.tx, self.state_sharding)
 
+    def reference_view(self, params):
+        """What of a (base or policy) params tree the step takes as the reference: all of
+        it, or with LoRA the fully trained non-adapter leaves (the frozen leaves are the
+        policy's own). Works on trees of arrays or shardings; idempotent."""
+        if self.lora is None:
+            return params
+        from lov_jax.lora.adapters import is_adapter
+
+        flat = traverse_util.flatten_dict(params)
+        keep = [p for p, g in self.labels.items() if g != optimizer.FROZEN and not is_adapter(p)]
+        return traverse_util.unflatten_dict({p: flat[p] for p in keep})
+
     def place_reference(self, params):
-        """The frozen reference params on the mesh, in buffers of their own (the step
-        donates the policy's, so the two must never alias)."""
+        """The frozen reference (`reference_view` of the `init_from` params) on the mesh,
+        in buffers of their own (the step donates the policy's: they must never alias)."""
         with self._context():
-            return jax.device_put(params, self.params_sharding, may_alias=False)
+            shardings = self.reference_view(self.params_sharding)
+            return jax.device_put(self.reference_view(params), shardings, may_alias=False)
+
+    def checkpoint_view(self, state: TrainState) -> TrainState:
+        """What a checkpoint stores (as `Trainer.checkpoint_view`): the state, or with LoRA
+        its params cut to the trained leaves (adapters + fully trained modules), the layout
+        `lov-jax convert orbax-to-peft` reads."""
+        if self.lora is None:
+            return state
+        trainable, _ = optimizer.split_params(state.params, self.labels)
+        return state.replace(params=traverse_util.unflatten_dict(trainable))
+
+    def with_frozen(self, trained, base):
+        """Restored trained leaves (`checkpoint_view`) + the frozen leaves of `base` (host
+        params) -> full policy params in the state's dtypes and shardings."""
+        flat = traverse_util.flatten_dict(base)
+        frozen = {k: v for k, v in flat.items() if self.labels.get(k) == optimizer.FROZEN}
+        params = optimizer.merge_params(traverse_util.flatten_dict(trained), frozen)
+        if self.lora is not None:
+            params = self.lora.cast_frozen(params, self.labels, optimizer.FROZEN)
+        return jax.device_put(params, self.state_sharding.params)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-        params = nn.meta.unbox(abstract_params(self.cfg))
+        params = nn.meta.unbox(self._boxed)
         trainable, _ = optimizer.split_params(params, self.labels)
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                            opt_state=jax.eval_shape(self.tx.init, trainable))  # fmt: skip
@@ -369,17 +416,24 @@ class DPOTrainer:
         with self._context():
             return self._step(state, ref_params, batch)
 
-    def loss_and_grads(self, params, ref_params, batch: dict) -> tuple[dict, dict]:
+    def loss_and_grads(self, params, ref_params, batch: dict, step: int = 0) -> tuple[dict, dict]:
         """(metrics with `loss`, gradient {path: array} of the step's loss w.r.t. the
-        trainable params) with no update: the same objective the step differentiates."""
+        trainable params) with no update: the same objective the step differentiates
+        (`step` keys LoRA's adapter dropout). With LoRA `params` hold the adapters
+        (`Lora.prepare`); `ref_params` may be whole (only `reference_view` is read)."""
         trainable, frozen = optimizer.split_params(params, self.labels)
+        if ref_params is not None:
+            ref_params = self.reference_view(ref_params)
+        fn = functools.partial(self._loss_and_grads, frozen=frozen)
         with self._context():
-            return jax.jit(functools.partial(self._loss_and_grads, frozen=frozen))(
-                trainable, ref_params, batch
-            )
+            return jax.jit(fn)(trainable, ref_params, batch, jnp.asarray(step, jnp.int32))
 
     def reference_logps(self, ref_params, batch: dict):
-        """float32[A, B, P, 2] reference logps of a batch (the precompute pass)."""
+        """float32[A, B, P, 2] reference logps of a batch (the precompute pass), from whole
+        reference params (a trainer without LoRA; with LoRA use one built without it)."""
+        if self.lora is not None:
+            raise ValueError("reference_logps takes whole params: call it on a DPOTrainer "
+                             "built without lora (the reference has no adapters)")  # fmt: skip
         with self._context():
             return self._ref(ref_params, batch)
 
@@ -393,11 +447,13 @@ class DPOTrainer:
         with sharding.activation_rules(), jax.set_mesh(self.mesh):
             yield
 
-    def _logps(self, params, micro):
-        return self.model.apply(
-            {"params": params}, micro, self.options.max_pairs_per_row, self.loss_chunk,
-            self.loss_tokens, method=pair_logps,
-        )  # fmt: skip
+    def _logps(self, params, micro, rng=None):
+        """Without `rng` the plain model (the reference); with it, through LoRA if set."""
+        args = ({"params": params}, micro, self.options.max_pairs_per_row, self.loss_chunk,
+                self.loss_tokens)  # fmt: skip
+        if self.lora is None or rng is None:
+            return self.model.apply(*args, method=pair_logps)
+        return self.lora.apply(self.model, *args, rngs={"dropout": rng}, method=pair_logps)
 
     def _ref_logps(self, ref_params, batch):
         return jax.lax.map(lambda micro: self._logps(ref_params, micro)[0], batch)
@@ -412,12 +468,15 @@ class DPOTrainer:
         chosen = segment_sums(flat["loss_mask"], flat["segment_ids"], 2 * pairs)[:, 0::2]
         return jnp.maximum(n_pairs, 1.0), jnp.maximum(jnp.sum(chosen), 1.0)
 
-    def _objective(self, trainable, frozen, ref_params, micro, denoms):
+    def _objective(self, trainable, frozen, ref_params, micro, rng, denoms):
         """(this micro-batch's share of the step loss, its share of each metric)."""
         opts, pairs = self.options, self.options.max_pairs_per_row
         n_pairs, n_chosen = denoms
-        logps, counts = self._logps(optimizer.merge_params(trainable, frozen), micro)
+        logps, counts = self._logps(optimizer.merge_params(trainable, frozen), micro, rng)
         if opts.reference == "step":
+            if self.lora is not None:  # the frozen base + the reference's trained leaves
+                ref_params = optimizer.merge_params(traverse_util.flatten_dict(ref_params),
+                                                    frozen)  # fmt: skip
             ref = jax.lax.stop_gradient(self._logps(ref_params, micro)[0])
         else:
             ref = pair_values(micro, REF_KEY, pairs)
@@ -433,30 +492,38 @@ class DPOTrainer:
             total = total + opts.sft_weight * sft
         return total, aux
 
-    def _loss_and_grads(self, trainable, ref_params, batch, *, frozen):
+    def _loss_and_grads(self, trainable, ref_params, batch, step, *, frozen):
         denoms = self._denominators(batch)
         grad_fn = jax.value_and_grad(self._objective, has_aux=True)
+        # one dropout key per micro-batch, as the Trainer's (only LoRA's dropout draws)
+        seed = 0 if self.lora is None else self.lora.config.seed
+        step_key = jax.random.fold_in(jax.random.key(seed), step)
+        rngs = jax.random.split(step_key, jax.tree.leaves(batch)[0].shape[0])
 
-        def accumulate(carry, micro):
+        def accumulate(carry, xs):
             grad_sum, sums = carry
-            (loss, aux), grads = grad_fn(trainable, frozen, ref_params, micro, denoms)
+            micro, rng = xs
+            (loss, aux), grads = grad_fn(trainable, frozen, ref_params, micro, rng, denoms)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             sums = jax.tree.map(jnp.add, sums, {"loss": loss, **aux})
             return (grad_sum, sums), None
 
         first = {k: v[0] for k, v in batch.items()}
-        shapes = jax.eval_shape(lambda: grad_fn(trainable, frozen, ref_params, first, denoms))
+        shapes = jax.eval_shape(
+            lambda: grad_fn(trainable, frozen, ref_params, first, rngs[0], denoms)
+        )
         (_, aux_shape), _ = shapes
         sums0 = {"loss": jnp.zeros((), jnp.float32),
                  **{k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shape.items()}}  # fmt: skip
         init = (jax.tree.map(jnp.zeros_like, trainable), sums0)
-        (grads, sums), _ = jax.lax.scan(accumulate, init, batch)
+        (grads, sums), _ = jax.lax.scan(accumulate, init, (batch, rngs))
         sums["pairs"] = denoms[0]
         return sums, grads
 
     def _train_step(self, state: TrainState, ref_params, batch: dict):
         trainable, frozen = optimizer.split_params(state.params, self.labels)
-        metrics, grads = self._loss_and_grads(trainable, ref_params, batch, frozen=frozen)
+        metrics, grads = self._loss_and_grads(trainable, ref_params, batch, state.step,
+                                              frozen=frozen)  # fmt: skip
         loss = metrics["loss"]
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

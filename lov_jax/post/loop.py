@@ -9,6 +9,8 @@
                      best and worst scores tie, or with an unparsable score, are dropped
                      and counted (the reference leaves ties unspecified)
       train/         one DPO run (lov_jax/post/train.py) from M_{r-1}, reference M_{r-1}
+      merged/        with an enabled `lora` block: train/'s adapters merged into M_{r-1}
+                     (`convert orbax-to-peft --merge`), the round's M_r
       round.json     the round's record: counts, the last step's metrics, seconds
 Every stage resumes: sampling and judging append fsynced rows and skip what is there,
 pairs are rebuilt from them, training resumes from its checkpoints, and a round with
@@ -244,7 +246,7 @@ def run_loop(config, workdir: str | Path, prompts_path: str | Path,
         done = rdir / "round.json"
         if done.exists():
             records.append(json.loads(done.read_text()))
-            init = str(rdir / "train")
+            init = _round_policy(config, rdir, init)
             print(f"[loop] round {r}: done earlier ({rdir})")
             continue
         t0 = time.time()
@@ -279,8 +281,23 @@ def run_loop(config, workdir: str | Path, prompts_path: str | Path,
             f"{counts['unparsable']} unparsable), mean score {record['mean_score']:.3f}"
         )
         records.append(record)
-        init = str(rdir / "train")
+        init = _round_policy(config, rdir, init)
     return records
+
+
+def _round_policy(config, rdir: Path, init) -> str:
+    """M_r: the round's DPO run, or with LoRA its adapters merged into M_{r-1} (a LoRA
+    run's checkpoints hold only the trained leaves)."""
+    from lov_jax.lora import adapters
+
+    if adapters.from_config(config.get("lora")) is None:
+        return str(rdir / "train")
+    merged = rdir / "merged"
+    if not (merged / "config.json").exists():
+        from lov_jax.lora.runs import orbax_to_peft
+
+        orbax_to_peft(rdir / "train", merged, merge=True, base=init, overwrite=True)
+    return str(merged)
 
 
 def _round_loop_config(lc, r: int):

@@ -6,6 +6,14 @@ the held-out test split: the preference accuracy (the model's own summed log-pro
 correct answer above the wrong one, `loop.preference_accuracy`) and the task accuracy
 (greedy exact match through the eval runner, as `lov-jax demo` reports it).
 `run_shapes_dpo` writes `<out>/report.json`.
+
+`lora=True`: the same round through LoRA adapters (configs/lora.py's recipe scaled to the
+64-wide demo LLM: r 8, alpha 16, dropout 0.05 on its projections; the projector trained
+fully, the tower frozen). The run is then exported as `lov-jax convert orbax-to-peft`
+exports it: the PEFT adapter dir `<out>/peft_adapter` and the merged HF dir
+`<out>/dpo_merged`, which the "after" figures are measured on.
+
+    python -m lov_jax.post.shapes --stage2 DEMO/stage2_ov --data DEMO/data --out DIR [--lora]
 """
 
 from __future__ import annotations
@@ -14,11 +22,15 @@ import json
 import time
 from pathlib import Path
 
+LORA_LR = 2e-3  # the adapters (full DPO: 2e-4 over the whole LLM)
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05}  # the demo LLM is 64 wide: r 128 would be 2x it
+
 
 def shapes_dpo_config(stage2: str | Path, data: str | Path, pairs: str | Path, steps: int,
-                      seed: int = 0):  # fmt: skip
+                      seed: int = 0, lora: bool = False):  # fmt: skip
     """configs/dpo.py at the demo's scale: its rows, templates and devices (configs/demo.py),
-    larger learning rates (the demo model is small and barely trained), `steps` steps."""
+    larger learning rates (the demo model is small and barely trained), `steps` steps;
+    `lora`: through adapters (`LORA`, configs/lora.py's trained groups)."""
     from configs import dpo as recipe
 
     c = recipe.get_config("demo")
@@ -36,6 +48,10 @@ def shapes_dpo_config(stage2: str | Path, data: str | Path, pairs: str | Path, s
     c.train.loss_chunk = 128
     c.train.loss_tokens_per_row = 96  # only the answers' targets go through the vocab
     c.dpo.max_pairs_per_row = 12  # 1024-token rows hold up to ~8 pairs here
+    if lora:
+        c.lora.update(enabled=True, seed=seed, **LORA)
+        c.optim.trainable = ("projector", "llm")  # the LLM through its adapters
+        c.optim.lr, c.optim.projector_lr = LORA_LR, 2e-4
     return c
 
 
@@ -64,9 +80,11 @@ def _pref_accuracy(ckpt: Path, pairs: list[dict], config) -> dict:
 
 
 def run_shapes_dpo(stage2: str | Path, data: str | Path, out: str | Path, steps: int = 60,
-                   seed: int = 0) -> dict:  # fmt: skip
-    """Pairs from `data`/train.json, one DPO round of `steps` from `stage2`, figures on
-    `data`/test.json before and after; returns (and writes) the report."""
+                   seed: int = 0, lora: bool = False) -> dict:  # fmt: skip
+    """Pairs from `data`/train.json, one DPO round of `steps` from `stage2` (through LoRA
+    adapters with `lora`), figures on `data`/test.json before and after; returns (and
+    writes) the report."""
+    from lov_jax.lora.runs import orbax_to_peft
     from lov_jax.post.loop import answer_swap_pairs
     from lov_jax.post.train import run_dpo
 
@@ -77,19 +95,68 @@ def run_shapes_dpo(stage2: str | Path, data: str | Path, out: str | Path, steps:
     test = answer_swap_pairs(single_turn(json.loads((data / "test.json").read_text())), seed + 1)
     pairs_path = out / "pairs_train.jsonl"
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in train))
-    config = shapes_dpo_config(stage2, data, pairs_path, steps, seed)
+    config = shapes_dpo_config(stage2, data, pairs_path, steps, seed, lora)
     t0 = time.time()
     before = {"preference_accuracy": _pref_accuracy(stage2, test, config),
               "task_accuracy": _task_accuracy(stage2, data, out / "before")}  # fmt: skip
     t1 = time.time()
     result = run_dpo(config, out / "dpo", progress=False)
+    policy = out / "dpo"
+    if lora:  # a LoRA run holds adapters + projector: exported, then measured merged
+        orbax_to_peft(policy, out / "peft_adapter", overwrite=True)
+        orbax_to_peft(policy, out / "dpo_merged", merge=True, overwrite=True)
+        policy = out / "dpo_merged"
     t2 = time.time()
-    after = {"preference_accuracy": _pref_accuracy(out / "dpo", test, config),
-             "task_accuracy": _task_accuracy(out / "dpo", data, out / "after")}  # fmt: skip
+    after = {"preference_accuracy": _pref_accuracy(policy, test, config),
+             "task_accuracy": _task_accuracy(policy, data, out / "after")}  # fmt: skip
     last = result.metrics[max(result.metrics)] if result.metrics else {}
     seconds = {"measure": t1 - t0, "dpo": t2 - t1, "total": time.time() - t0}
-    report = {"steps": steps, "train_pairs": len(train), "test_pairs": len(test),
-              "before": before, "after": after, "last_train_metrics": last,
-              "seconds": seconds}  # fmt: skip
+    report = {"steps": steps, "lora": lora, "seed": seed, "train_pairs": len(train),
+              "test_pairs": len(test), "before": before, "after": after,
+              "first_train_metrics": result.metrics.get(1, {}), "last_train_metrics": last,
+              "policy": str(policy), "seconds": seconds}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="One DPO round on the shapes data (figures)")
+    p.add_argument("--stage2", required=True, help="the demo's stage-2 run (DEMO/stage2_ov)")
+    p.add_argument("--data", required=True, help="the demo's shapes data (DEMO/data)")
+    p.add_argument("--out", required=True, help="a new directory for the round")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="store_true", help="through LoRA adapters")
+    args = p.parse_args(argv)
+    report = run_shapes_dpo(args.stage2, args.data, args.out, args.steps, args.seed, args.lora)
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    kind = "LoRA" if report["lora"] else "full fine-tuning"
+    print(
+        f"shapes DPO round, {kind}: {report['steps']} steps, seed {report['seed']}, "
+        f"{report['train_pairs']} train pairs, {report['test_pairs']} held-out pairs"
+    )
+    for name in ("preference_accuracy", "task_accuracy"):
+        before, after = report["before"][name], report["after"][name]
+        head = "all" if name == "preference_accuracy" else "mean"
+        tasks = [k for k in before if k != head]
+        print(
+            f"  {name:19s} {before[head]:.3f} -> {after[head]:.3f}   "
+            + ", ".join(f"{t} {before[t]:.2f}->{after[t]:.2f}" for t in tasks)
+        )
+    first, last = report["first_train_metrics"], report["last_train_metrics"]
+    if last:
+        print(
+            f"  train loss {first['loss']:.4f} -> {last['loss']:.4f}, "
+            f"rewards/accuracies {first['rewards/accuracies']:.3f} -> "
+            f"{last['rewards/accuracies']:.3f}; {report['seconds']['total']:.0f}s"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

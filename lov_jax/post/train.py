@@ -9,7 +9,10 @@ is the `init_from` checkpoint, frozen (LLaVA-NeXT: a second copy of the SFT mode
 (the records plus `ref_chosen_logps` / `ref_rejected_logps`, TRL's columns) and training
 reads that file and holds no reference params. The workdir is a training run like
 `lov-jax train`'s: `load_pretrained(workdir)`, `lov-jax generate --ckpt`, the next round's
-`init_from`.
+`init_from`. With an enabled `lora` block (configs/lora.py's fields) the policy trains
+through adapters (`DPOTrainer(lora=)`), the reference is the frozen base with the adapters
+off, and checkpoints hold only the trained leaves, as a LoRA `lov-jax train` run's:
+`lov-jax convert orbax-to-peft --ckpt WORKDIR [--merge]` exports them.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ def run_dpo(config, workdir: str | Path, progress: bool = True) -> DPOResult:
     from data_pipelines import loader
     from data_pipelines.hf_processor import save_hf_processor_files
     from lov_jax.convert import orbax_io
+    from lov_jax.lora import adapters
     from lov_jax.train import checkpoint, metrics
     from lov_jax.train.run import load_tokenizer_for, model_from_config
     from lov_jax.train.step import TrainState, stack_micro_batches
@@ -180,28 +184,33 @@ def run_dpo(config, workdir: str | Path, progress: bool = True) -> DPOResult:
     total = config.train.num_steps
     if total <= 0:
         total = estimate_steps(config, cfg, process, len(recs))
+    lora = adapters.from_stage(config, cfg)
     trainer = dpo.DPOTrainer(cfg, config.optim, options, mesh, total, config.train.loss_chunk,
-                             loss_tokens)  # fmt: skip
+                             loss_tokens, lora=lora)  # fmt: skip
     manager = checkpoint.make_manager(workdir, keep=config.train.ckpt_keep,
                                       keep_period=config.train.ckpt_keep_period)  # fmt: skip
-    restored = checkpoint.restore_latest(manager, trainer.abstract_state())
+    restored = checkpoint.restore_latest(manager, trainer.checkpoint_view(trainer.abstract_state()))
     ref_params = None
-    if options.reference == "step" or not (workdir / REF_FILE).exists():
+    if options.reference == "step":
         ref_params = trainer.place_reference(init)
-    if options.reference == "precomputed":
+    else:
         ref_file = workdir / REF_FILE
-        if not ref_file.exists():
+        if not ref_file.exists():  # the base model (no adapters) over every record, once
             ref_step = dpo.DPOTrainer(cfg, config.optim, dataclasses.replace(options,
                                       reference="step"), mesh, total, config.train.loss_chunk,
                                       loss_tokens)  # fmt: skip
-            precompute_reference(config, cfg, tokenizer, ref_step, ref_params, ref_file)
+            whole = ref_step.place_reference(init)
+            precompute_reference(config, cfg, tokenizer, ref_step, whole, ref_file)
+            del whole
         recs = _open(config, str(ref_file), media_folders=False)
-        ref_params = None  # training holds no reference params
+        # training holds no reference params
     it = loader.make_loader(recs, process, cfg, _loader_config(config, cfg, num_epochs=None))
     if restored is None:
         state, start, resumed_from = trainer.init_state(init), 0, None
     else:
         step, params, opt_state, data_state = restored
+        if lora is not None:  # the checkpoint holds the trained leaves; the base is init's
+            params = trainer.with_frozen(params, init)
         state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
                            opt_state=opt_state)  # fmt: skip
         state = jax.device_put(state, trainer.state_sharding)
@@ -233,7 +242,8 @@ def run_dpo(config, workdir: str | Path, progress: bool = True) -> DPOResult:
                   flush=True)  # fmt: skip
         if step % config.train.ckpt_every == 0 or step == total:
             data_states = checkpoint.gather_data_states(it.get_state())
-            checkpoint.save(manager, step, state, run_config, data_states)
+            checkpoint.save(manager, step, trainer.checkpoint_view(state), run_config,
+                            data_states)  # fmt: skip
     manager.wait_until_finished()
     manager.close()
     writer.close()

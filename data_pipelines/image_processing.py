@@ -191,6 +191,7 @@ def image_kind(cfg: ModelConfig, num_images: int, *, plain: bool = False) -> str
     """The item kind of each image of a prompt / record with `num_images` images.
 
     llava            cfg.vision_aspect_ratio ("center_crop" = llava-hf, "pad" = original)
+    llava_mini       the same (its CLIPImageProcessor: "center_crop"; "pad")
     llava_next       "anyres" for every image (HF LlavaNextProcessor; NeXT-Video too)
     llava_onevision  "anyres" for a lone image, else "pad" (HF LlavaOnevisionProcessor)
     A `plain` (stage-1 pretraining) sample takes the original's default `square` aspect,
@@ -199,10 +200,10 @@ def image_kind(cfg: ModelConfig, num_images: int, *, plain: bool = False) -> str
     """
     if num_images < 0:
         raise ValueError(f"num_images {num_images} < 0")
-    if cfg.architecture in ("llava", "llava_next", "llava_next_video"):
+    if cfg.architecture in ("llava", "llava_next", "llava_next_video", "llava_mini"):
         if plain:
             return "center_crop"
-        return cfg.vision_aspect_ratio if cfg.architecture == "llava" else "anyres"
+        return cfg.vision_aspect_ratio if cfg.architecture in ("llava", "llava_mini") else "anyres"
     if plain:
         return "square"
     return "anyres" if num_images == 1 else "pad"

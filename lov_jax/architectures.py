@@ -46,6 +46,7 @@ from lov_jax.config import (
     VideoConfig,
 )
 from lov_jax.config_types import check_config_json
+from lov_jax.convert import llava_mini
 
 # architecture -> (config.json model_type, transformers class)
 HF_NAMES: dict[str, tuple[str, str]] = {
@@ -280,6 +281,9 @@ def from_hf_config(
         source = "config.json" if checkpoint_dir is None else str(checkpoint_dir / "config.json")
     if not isinstance(hf, dict):
         raise ValueError(f"{source}: not a JSON object")
+    if llava_mini.is_mini(hf):  # the original layout + compressor keys
+        return llava_mini.from_hf_config(hf, checkpoint_dir=checkpoint_dir, source=source,
+                                         **overrides)  # fmt: skip
     check_config_json(hf, source)  # field types, before any is read
     if is_original(hf):
         return _from_original(hf, source, checkpoint_dir, overrides)
@@ -468,6 +472,8 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     NeXT also carry `image_aspect_ratio` (ignored by transformers, read back here)."""
     from lov_jax.models import families
 
+    if cfg.architecture == "llava_mini":  # no transformers class: the released layout
+        return llava_mini.to_hf_config(cfg)
     ids = cfg.ids
     parts = families.config_parts_to_hf(cfg.vision, cfg.text, cfg.projector)
     text = {

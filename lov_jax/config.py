@@ -27,7 +27,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # crop per image; LLaVA-NeXT adds anyres crops and one newline per grid row; OneVision
 # adds anyres_max_N downsampling, multi-image and video.
 # LLaVA-NeXT-Video is NeXT for images plus frames pooled before the projector, no newline.
-ARCHITECTURES = ("llava", "llava_next", "llava_onevision", "llava_next_video")
+ARCHITECTURES = ("llava", "llava_next", "llava_onevision", "llava_next_video", "llava_mini")
 # Which tower outputs become visual tokens (HF `vision_feature_select_strategy`):
 # "default" drops the first (CLS) position, "full" keeps all.
 FEATURE_SELECTS = ("default", "full")
@@ -44,6 +44,7 @@ ASPECT_RATIOS = {
     "llava_next": ("anyres",),
     "llava_onevision": ("anyres_max_N",),
     "llava_next_video": ("anyres",),
+    "llava_mini": ("center_crop", "pad"),  # CLIPImageProcessor 'square' / expand2square
 }
 _ANYRES_MAX = re.compile(r"anyres_max_([1-9][0-9]*)")
 # Pixel normalisation (HF image processors' image_mean / image_std): SigLIP maps to [-1, 1],
@@ -195,6 +196,38 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MiniConfig:
+    """LLaVA-Mini's compressor and pre-fusion (docs/reference_family.md B.2-B.6).
+
+    compressor_size C: C x C learned queries, so every image (or video frame) costs C^2
+    LLM tokens. prefusion_layers: decoder layers (the LLM's shape, own weights) fusing
+    vision into the text before the LLM. resolution_ratio r: 1, or r x r crops + the whole
+    image per image (HD, r = 2). compressor_heads: the cross-attention's heads over the
+    tower width (the reference's 8)."""
+
+    compressor_size: int = 1
+    prefusion_layers: int = 4
+    resolution_ratio: int = 1
+    compressor_heads: int = 8
+
+    def __post_init__(self):
+        for name in ("compressor_size", "prefusion_layers", "resolution_ratio", "compressor_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mini.{name} {getattr(self, name)}: must be >= 1")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLM tokens one image / frame costs: C^2."""
+        return self.compressor_size**2
+
+    @property
+    def crops_per_image(self) -> int:
+        """Crop slots one image / frame occupies: 1, or r^2 + 1 in HD (crops, then whole)."""
+        r = self.resolution_ratio
+        return 1 if r == 1 else r * r + 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A LLaVA model: vision tower + projector + LLM, of one `architecture` (LLaVA-1.5,
     LLaVA-NeXT, OneVision); `vision_aspect_ratio` is one of that architecture's
@@ -218,8 +251,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    mini: MiniConfig | None = None  # LLaVA-Mini's parts: set iff architecture "llava_mini"
 
     def __post_init__(self):
+        if (self.mini is not None) != (self.architecture == "llava_mini"):
+            raise ValueError(
+                f"architecture {self.architecture!r} with mini={self.mini}: a MiniConfig "
+                "is given exactly for architecture 'llava_mini'"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.architecture not in ARCHITECTURES:
@@ -249,8 +288,8 @@ class ModelConfig:
 
     @property
     def has_image_newline(self) -> bool:
-        """LLaVA-NeXT and OneVision learn an `image_newline`; LLaVA-1.5 has none."""
-        return self.architecture != "llava"
+        """LLaVA-NeXT and OneVision learn an `image_newline`; LLaVA-1.5 and Mini have none."""
+        return self.architecture not in ("llava", "llava_mini")
 
     @property
     def video_pool_size(self) -> int:
@@ -422,6 +461,36 @@ def tiny_llava_next_video(**kw: Any) -> ModelConfig:
     return _llava_next_video(text, {"vision": _TINY_CLIP, **kw})
 
 
+def _llava_mini(text: TextConfig, mini: MiniConfig, kw: dict) -> ModelConfig:
+    """LLaVA-Mini (docs/reference_family.md B): CLIP-L/336 hs[-2], CLS dropped, the
+    CLIPImageProcessor's center crop, mlp2x_gelu, C^2 tokens per image."""
+    kw = {"vision": CLIP_L14_336, "vision_aspect_ratio": "center_crop", **kw}
+    return ModelConfig(text=text, architecture="llava_mini", mini=mini, **kw)
+
+
+def llava_mini_llama31_8b(**kw: Any) -> ModelConfig:
+    """ICTNLP/llava-mini-llama-3.1-8b (B.9): Llama-3.1-8B (vocab 128256 unpadded, llama3
+    RoPE scaling), C = 1, 4 pre-fusion layers; `mini=` picks HD (resolution_ratio 2)."""
+    from lov_jax.models.rope import RopeScaling
+
+    text = dataclasses.replace(
+        _LLAMA3_8B, vocab_size=128256, max_position_embeddings=131072,
+        rope_scaling=RopeScaling("llama3", 8.0, 8192, 1.0, 4.0),
+    )  # fmt: skip
+    return _llava_mini(text, kw.pop("mini", MiniConfig()), kw)
+
+
+def tiny_llava_mini(**kw: Any) -> ModelConfig:
+    """Tiny LLaVA-Mini (tests): tiny CLIP (576 features, width 32), a 2-layer Llama (GQA
+    4/2), C = 2 (4 tokens per image), 2 pre-fusion layers, 8 compressor heads."""
+    text = dataclasses.replace(
+        _VICUNA_7B, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=12,
+    )  # fmt: skip
+    mini = kw.pop("mini", MiniConfig(compressor_size=2, prefusion_layers=2))
+    return _llava_mini(text, mini, {"vision": _TINY_CLIP, **kw})
+
+
 def ov_0_5b(**kw: Any) -> ModelConfig:
     text = TextConfig(
         vocab_size=152000, hidden_size=896, intermediate_size=4864, num_layers=24,
@@ -491,6 +560,7 @@ PRESETS = {
     "tiny_llava15": tiny_llava15, "tiny_llava_next": tiny_llava_next,
     "llava_next_video_7b": llava_next_video_7b, "tiny_llava_next_video": tiny_llava_next_video,
     "llava_video_7b": llava_video_7b, "tiny_llava_video": tiny_llava_video,
+    "llava_mini_llama31_8b": llava_mini_llama31_8b, "tiny_llava_mini": tiny_llava_mini,
 }  # fmt: skip
 
 

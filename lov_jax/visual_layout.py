@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lov_jax import batch, video_pool
+from lov_jax import batch, mini_layout, video_pool
 from lov_jax.config import ModelConfig
 
 KINDS = ("anyres", "square", "pad", "center_crop", "video")
@@ -175,6 +175,8 @@ def _anyres_geometry(size_hw: tuple[int, int], cfg: ModelConfig) -> _AnyresGeome
 
 def num_crops(item: VisualItem, cfg: ModelConfig) -> int:
     """Crop slots the item occupies: anyres grid + 1 base; square/pad 1; video F frames."""
+    if cfg.mini is not None:  # LLaVA-Mini: C^2 tokens per image / frame
+        return mini_layout.num_crops(cfg, mini_layout.item_units(item, cfg))
     if item.kind == "anyres":
         gh, gw = anyres_grid(item.image_size, cfg)
         return gh * gw + 1
@@ -186,6 +188,8 @@ def num_crops(item: VisualItem, cfg: ModelConfig) -> int:
 def num_tokens(item: VisualItem, cfg: ModelConfig) -> int:
     """Exact placeholder count (docs/reference.md 3.5/3.7/3.8, 4, 5.4;
     docs/reference_family.md A.6: HF's LlavaProcessor / LlavaNextProcessor counts)."""
+    if cfg.mini is not None:
+        return mini_layout.num_tokens(cfg, mini_layout.item_units(item, cfg))
     n_feat = cfg.vision.num_features
     if item.kind == "anyres":
         out_h, out_w = _anyres_geometry(item.image_size, cfg).out
@@ -304,6 +308,8 @@ def item_taps(
     row's; default newline_index // F) places the bank's video rows (lov_jax/batch.py).
     Returns (idx int32[T, 4], w float32[T, 4]) with T = num_tokens(item, cfg).
     """
+    if cfg.mini is not None:  # its bank: C^2 pre-fusion outputs per unit
+        return mini_layout.item_taps(item, cfg, crop_offset)
     nfeat = cfg.vision.num_features  # the bank's per-crop stride
     base = crop_offset * nfeat
     newline = (np.full((1, 4), newline_index, np.int64), np.array([[1.0, 0.0, 0.0, 0.0]]))

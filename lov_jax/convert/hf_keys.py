@@ -10,7 +10,8 @@ leaves are the only paths and shapes there are. The same rows, read backwards, w
 names.
 
 Canonical scheme: `vision.<tower name without vision_model.>`, `projector.<name>`,
-`image_newline`, `text.<decoder model name>`, `lm_head.weight`.
+`image_newline`, `text.<decoder model name>`, `lm_head.weight`, and LLaVA-Mini's
+`mini.compressor.*` / `mini.prefusion_layers.*` (key_tables.MINI).
 
 LLaVA-1.5 / NeXT (CLIP towers): a checkpoint's tower layers after the feature layer
 (`tower_layers`, lov_jax/architectures.py) and its pooler-only norms (`unused_names`) are
@@ -47,6 +48,7 @@ _PREFIXES: tuple[tuple[re.Pattern, str], ...] = tuple(
     (re.compile(p), r)
     for p, r in (
         (r"^model\.vision_tower\.vision_tower\.(vision_model\.)?", "vision."),
+        (r"^model\.(?=(compressor|prefusion_layers)\.)", "mini."),  # LLaVA-Mini
         (r"^(model\.)?vision_tower\.(vision_model\.)?", "vision."),
         (r"^model\.mm_projector\.0\.", "projector.linear_1."),
         (r"^model\.mm_projector\.2\.", "projector.linear_2."),
@@ -71,6 +73,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "projector.": "multi_modal_projector.",
         "image_newline": "image_newline",
         "faster_token": "faster_token",
+        "mini.": "model.",  # LLaVA-Mini's parts exist in the original layout only
         "text.": "language_model.model.",
         "lm_head.": "language_model.lm_head.",
     },
@@ -79,6 +82,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "projector.": "multi_modal_projector.",
         "image_newline": "image_newline",
         "faster_token": "faster_token",
+        "mini.": "model.",  # LLaVA-Mini's parts exist in the original layout only
         "text.": "language_model.model.",
         "lm_head.": "language_model.lm_head.",
     },
@@ -88,6 +92,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "projector.linear_2.": "model.mm_projector.2.",
         "image_newline": "model.image_newline",
         "faster_token": "model.faster_token",
+        "mini.": "model.",
         "text.": "model.",
         "lm_head.": "lm_head.",
     },
@@ -117,7 +122,8 @@ def _compile(name: str) -> re.Pattern:
 
 
 @functools.cache
-def _rules(vision: str, projector: str, llm: str) -> tuple[_Rule, ...]:
+def _rules(vision: str, projector: str, llm: str, mini: bool = False) -> tuple[_Rule, ...]:
+    from lov_jax.convert.key_tables import MINI
     from lov_jax.models import families
 
     rows = [(_VISION[0] + a, _VISION[1] + b, tf) for a, b, tf in families.vision(vision).keys]
@@ -127,6 +133,7 @@ def _rules(vision: str, projector: str, llm: str) -> tuple[_Rule, ...]:
     ]
     rows.append(("image_newline", "image_newline", Transform.IDENTITY))
     rows.append(("faster_token", "faster_token", Transform.IDENTITY))  # video.faster only
+    rows += [("mini." + a, b, tf) for a, b, tf in (MINI if mini else ())]
     for a, b, tf in families.llm(llm).keys:
         hf, canon = next((h, c) for h, c in _LLM_CANON if a.startswith(h))
         rows.append((canon + a[len(hf) :], _LLM + b, tf))
@@ -134,7 +141,7 @@ def _rules(vision: str, projector: str, llm: str) -> tuple[_Rule, ...]:
 
 
 def _rules_of(cfg: ModelConfig) -> tuple[_Rule, ...]:
-    return _rules(cfg.vision.kind, cfg.projector, cfg.text.kind)
+    return _rules(cfg.vision.kind, cfg.projector, cfg.text.kind, cfg.mini is not None)
 
 
 def unused_names(cfg: ModelConfig) -> tuple[str, ...]:

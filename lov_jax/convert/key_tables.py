@@ -132,3 +132,18 @@ DECODER: tuple[Row, ...] = (
 
 MLP2X_GELU: tuple[Row, ...] = (*_linear("linear_1", "linear_1"), *_linear("linear_2", "linear_2"))
 LINEAR: tuple[Row, ...] = _linear("linear_1", "linear_1")
+
+# LLaVA-Mini's parts (lov_jax/models/llava_mini.py), as the released checkpoint names them
+# under `model.`: the compressor (an nn.MultiheadAttention whose in_proj stacks q; k; v,
+# head-split here as [D, 3, heads, d]) and the pre-fusion decoder layers.
+MINI: tuple[Row, ...] = (
+    ("compressor.query", "compressor/query", T.IDENTITY),
+    ("compressor.pos_embed", "compressor/pos_embed", T.IDENTITY),
+    ("compressor.attn.in_proj_weight", "compressor/in_proj_kernel", T.HEADS_QKV),
+    ("compressor.attn.in_proj_bias", "compressor/in_proj_bias", T.HEADS_BIAS),
+    ("compressor.attn.out_proj.weight", "compressor/out_proj/kernel", T.HEADS_O),
+    ("compressor.attn.out_proj.bias", "compressor/out_proj/bias", T.IDENTITY),
+    *_norm("compressor.ln_q", "compressor/ln_q", bias=True),
+    *_norm("compressor.ln_kv", "compressor/ln_kv", bias=True),
+    *_layers("prefusion_layers", "prefusion_layers", _DECODER_LAYER),
+)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from lov_jax import video_pool
 from lov_jax.config import ModelConfig
-from lov_jax.models import families
+from lov_jax.models import families, llava_mini
 from lov_jax.models.kv_cache import KVCache
 
 
@@ -71,6 +71,8 @@ class LlavaOnevision(nn.Module):
             )
         lm = families.llm(cfg.text.kind).module
         self.language_model = lm(cfg.text, dtype, pdtype, cfg.remat_policy, cfg.attention_impl)
+        if cfg.mini is not None:  # LLaVA-Mini's compressor + pre-fusion (models/llava_mini.py)
+            self.compressor, self.prefusion_layers = llava_mini.build(cfg, dtype, pdtype)
 
     def encode_crops(self, pixels: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         """pixels [B, N, S, S, 3] -> (projected features float[B, N*F, H], the pooled
@@ -108,8 +110,17 @@ class LlavaOnevision(nn.Module):
             extra.append(jnp.broadcast_to(self.faster_token.astype(feats.dtype), (b, 1, h)))
         return jnp.concatenate([feats, newline, zero, *extra, *pooled], axis=1)
 
-    def embed_inputs(self, tokens, pixels=None, vis_idx=None, vis_w=None) -> jax.Array:
-        """Text embeddings with visual tokens replaced by their weighted taps: [B, L, H]."""
+    def embed_inputs(
+        self, tokens, pixels=None, vis_idx=None, vis_w=None, segment_ids=None, loss_mask=None
+    ) -> jax.Array:
+        """Text embeddings with visual tokens replaced by their weighted taps: [B, L, H].
+
+        LLaVA-Mini fuses the text of each sample (`segment_ids`) with its images first;
+        `loss_mask` (training) keeps response tokens out of that fusion."""
+        if self.cfg.mini is not None:
+            return llava_mini.embed_inputs(
+                self, tokens, segment_ids, pixels, vis_idx, vis_w, loss_mask
+            )
         embeds = self.language_model.embed_tokens(tokens)
         if pixels is None or pixels.shape[1] == 0:
             return embeds
@@ -136,11 +147,12 @@ class LlavaOnevision(nn.Module):
         cache: KVCache | None = None,
         *,
         output: str = "logits",
+        loss_mask=None,
     ):
         """The LLM's `output` (decoder.OUTPUTS) over the merged embeddings; `(out, cache)`
         with a cache. "logits" materialises float32[B, L, V]: train on "hidden" with the
         chunked loss."""
-        embeds = self.embed_inputs(tokens, pixels, vis_idx, vis_w)
+        embeds = self.embed_inputs(tokens, pixels, vis_idx, vis_w, segment_ids, loss_mask)
         return self.language_model(embeds, positions, segment_ids, cache, output=output)
 
 
@@ -160,6 +172,8 @@ def abstract_params(cfg: ModelConfig, *, boxed: bool = True):
 
 
 def dummy_inputs(cfg: ModelConfig, length: int = 8, crops: int = 1):
+    if cfg.mini is not None:  # whole LLaVA-Mini units (HD: r^2 + 1 crops)
+        crops *= cfg.mini.crops_per_image
     size = cfg.vision.image_size
     tokens = jnp.zeros((1, length), jnp.int32)
     return (

@@ -112,6 +112,8 @@ def base_config(preset: str, presets: tuple[str, ...] = PRESETS) -> ml_collectio
             "ckpt_every": 1000,  # orig save_steps
             "ckpt_keep": 3,
             "ckpt_keep_period": 0,  # also keep every K-th step (0: off)
+            # resume even though the stage config / data differ from the checkpoint's
+            "allow_config_change": False,  # (lov_jax/train/resume.py; warned, not refused)
             "loss_chunk": 1024,
             # > 0: project only the first K trained positions of each row onto the vocab
             # (exact; the loop refuses a row with more). 0: every position.

@@ -8,6 +8,7 @@ returns skip counters and budget fill for the logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from lov_jax.config import ModelConfig
 from lov_jax.convert import orbax_io
 from lov_jax.train import checkpoint, metrics
 from lov_jax.train.step import Trainer, TrainState, stack_micro_batches
+from lov_jax.workdir_lock import WorkdirLock
 
 
 class BatchIterator(Protocol):
@@ -53,13 +55,52 @@ def run_training(
     *,
     stop_after: int | None = None,
     progress: bool = True,
+    data_fingerprint: dict | None = None,
 ) -> TrainResult:
     """Train `total_steps` optimizer steps (resuming from `workdir` if it has checkpoints).
 
     `init_params()` is only called for a fresh run. `stop_after` ends this process
     after that many steps of its own (tests of preemption), without a final save.
+    `data_fingerprint` (lov_jax/train/resume.py) is saved with each step and checked on
+    resume. Process 0 holds the workdir lock (lov_jax/workdir_lock.py) while it runs.
     """
-    workdir = Path(workdir)
+    check_train_knobs(config, total_steps)
+    with workdir_locked(workdir):
+        return _run_training(config, cfg, Path(workdir), data_iter, init_params, total_steps,
+                             stop_after, progress, data_fingerprint)  # fmt: skip
+
+
+@contextlib.contextmanager
+def workdir_locked(workdir: str | Path):
+    """The training workdir's lock, held by process 0 (the other processes share its run)."""
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        yield
+
+
+def check_train_knobs(config, total_steps: int) -> None:
+    """The step knobs, before any work (a bad one would fail mid-run or loop forever)."""
+    t, o = config.train, config.optim
+    rules = [
+        ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1, ">= 1"),
+        ("train.ckpt_keep", t.ckpt_keep, t.ckpt_keep >= 1, ">= 1"),
+        ("train.ckpt_keep_period", t.ckpt_keep_period, t.ckpt_keep_period >= 0, ">= 0 (0: off)"),
+        ("train.loss_chunk", t.loss_chunk, t.loss_chunk >= 1, ">= 1"),
+        ("optim.grad_accum", o.grad_accum, o.grad_accum >= 1, ">= 1"),
+        ("optim.max_consecutive_nonfinite", o.max_consecutive_nonfinite,
+         o.max_consecutive_nonfinite >= 1, ">= 1"),
+        ("total steps (train.num_steps)", total_steps, total_steps >= 1, ">= 1"),
+    ]  # fmt: skip
+    if "loss_tokens_per_row" in t:
+        rules.append(("train.loss_tokens_per_row", t.loss_tokens_per_row,
+                      t.loss_tokens_per_row >= 0, ">= 0 (0: every position)"))  # fmt: skip
+    for name, value, ok, want in rules:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not ok:
+            raise ValueError(f"config {name}={value!r}: must be an integer {want}")
+
+
+def _run_training(config, cfg, workdir, data_iter, init_params, total_steps, stop_after,
+                  progress, data_fingerprint) -> TrainResult:  # fmt: skip
     mesh = sharding.mesh_from_config(config.mesh)
     loss_tokens = config.train.get("loss_tokens_per_row", 0)
     lora = _lora(config, cfg)
@@ -69,9 +110,13 @@ def run_training(
         workdir, keep=config.train.ckpt_keep, keep_period=config.train.ckpt_keep_period
     )
     is_main = jax.process_index() == 0
-    writer = metrics.MetricWriter(workdir, enabled=is_main)
-
-    restored = checkpoint.restore_latest(manager, trainer.checkpoint_view(trainer.abstract_state()))
+    run_config = {**orbax_io.config_json(cfg), "stage": config.to_dict()}
+    if data_fingerprint is not None:
+        run_config["data_fingerprint"] = data_fingerprint
+    restored = checkpoint.restore_latest(
+        manager, trainer.checkpoint_view(trainer.abstract_state()), run_config,
+        allow_config_change=config.train.get("allow_config_change", False),
+    )  # fmt: skip
     if restored is None:
         state = trainer.init_state(init_params())
         start, resumed_from = 0, None
@@ -84,8 +129,28 @@ def run_training(
         state = jax.device_put(state, trainer.state_sharding)
         data_iter.set_state(data_state)
         start, resumed_from = step, step
+    writer = metrics.MetricWriter(workdir, enabled=is_main, resume_step=start)
+    try:
+        return _steps(config, cfg, trainer, manager, writer, data_iter, state, start,
+                      resumed_from, total_steps, stop_after, progress, run_config)  # fmt: skip
+    except BaseException:
+        _close_quietly(manager)  # the pending save finishes (its own error is logged)
+        writer.close()
+        raise
 
-    run_config = {**orbax_io.config_json(cfg), "stage": config.to_dict()}
+
+def _close_quietly(manager) -> None:
+    try:
+        manager.wait_until_finished()
+        manager.close()
+    except Exception:  # noqa: BLE001, S110 - an error is already on its way out
+        pass
+
+
+def _steps(config, cfg, trainer, manager, writer, data_iter, state, start, resumed_from,
+           total_steps, stop_after, progress, run_config) -> TrainResult:  # fmt: skip
+    loss_tokens = config.train.get("loss_tokens_per_row", 0)
+    is_main = jax.process_index() == 0
     peak = config.train.get("peak_flops_per_device", 0.0) or metrics.peak_flops(
         jax.devices()[0].device_kind
     )
@@ -101,6 +166,7 @@ def run_training(
         t0 = time.perf_counter()
         state, out = trainer.step(state, batch)
         out = jax.device_get(out)
+        manager.raise_save_errors()  # a failed async save stops the run at once
         seconds = time.perf_counter() - t0
         lengths, crops, _ = metrics.batch_work(host, cfg.vision.num_features)
         n_proc = jax.process_count()
@@ -112,7 +178,7 @@ def run_training(
             print(f"WARNING: non-finite loss/grad at step {step}: skipped ({skipped} so far)")
             if in_a_row >= config.optim.max_consecutive_nonfinite:
                 raise NonFiniteLossError(f"{in_a_row} non-finite steps in a row at step {step}")
-            writer.write(step, {**record, "skipped_nonfinite": skipped})
+            writer.write(step, {**record, "skipped_nonfinite": skipped, "skipped": True})
             continue  # the batch is consumed; the optimizer step is not counted
         in_a_row = 0
         losses[step] = float(out["loss"])
@@ -126,7 +192,7 @@ def run_training(
             checkpoint.save(manager, step, trainer.checkpoint_view(state), run_config, data_states)
         if stop_after is not None and done_here >= stop_after:
             break
-    manager.wait_until_finished()
+    manager.finish()
     manager.close()
     writer.close()
     bar.close()

@@ -5,7 +5,8 @@ training data (`"data_fingerprint"`: record count and, per file, size + a hash o
 first and last MiB). A resume compares both with this run's and refuses a change
 (`ResumeConfigChanged`, listing each field as saved -> now) unless
 `train.allow_config_change` (then one warning). Keys that do not change what is computed
-may differ freely: `RESUME_FREE` (checkpoint cadence, mesh, workers, kernels).
+may differ freely: `RESUME_FREE` (checkpoint cadence, mesh, workers, kernels), and so
+may keys only one side has (a knob added or removed by another version of lov_jax).
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def config_changes(saved: dict, now: dict) -> list[str]:
     if isinstance(saved.get("stage"), dict) and isinstance(now.get("stage"), dict):
         # JSON round trip: tuples are lists on disk
         a, b = _flat(saved["stage"]), _flat(json.loads(json.dumps(now["stage"])))
-        for k in sorted(set(a) | set(b)):
-            if not _free(k) and a.get(k, "<absent>") != b.get(k, "<absent>"):
-                changes.append(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}")
+        for k in sorted(set(a) & set(b)):  # a key new in this version (or dropped) is not
+            if not _free(k) and a[k] != b[k]:  # a change of this run's config
+                changes.append(f"{k}: {a[k]!r} -> {b[k]!r}")
     fa, fb = saved.get("data_fingerprint"), now.get("data_fingerprint")
     if fa is not None and fb is not None and fa != fb:
         ka, kb = _flat(fa), _flat(fb)

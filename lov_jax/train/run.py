@@ -11,6 +11,7 @@ import numpy as np
 
 from lov_jax import config as model_config
 from lov_jax.config import ModelConfig
+from lov_jax.train import resume
 from lov_jax.train.loop import TrainResult, run_training
 
 
@@ -119,6 +120,15 @@ def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int
 
 
 def train_from_config(config, workdir: str | Path, progress: bool = True) -> TrainResult:
+    """Everything `lov-jax train` does, under the workdir lock (a second trainer on the
+    same workdir refuses before loading anything)."""
+    from lov_jax.train.loop import workdir_locked
+
+    with workdir_locked(workdir):
+        return _train_from_config(config, Path(workdir), progress)
+
+
+def _train_from_config(config, workdir: Path, progress: bool) -> TrainResult:
     from data_pipelines.hf_processor import save_hf_processor_files
     from lov_jax.train.optimizer import check_groups
 
@@ -145,4 +155,6 @@ def train_from_config(config, workdir: str | Path, progress: bool = True) -> Tra
         host = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(config.train.seed)))
         return host
 
-    return run_training(config, cfg, workdir, data_iter, init, total, progress=progress)
+    fingerprint = resume.data_fingerprint(config.data.train_path, recs)
+    return run_training(config, cfg, workdir, data_iter, init, total, progress=progress,
+                        data_fingerprint=fingerprint)  # fmt: skip

@@ -78,25 +78,25 @@ def workdir_locked(workdir: str | Path):
         yield
 
 
-def check_train_knobs(config, total_steps: int) -> None:
-    """The step knobs, before any work (a bad one would fail mid-run or loop forever)."""
+def check_train_knobs(config, total_steps: int | None = None) -> None:
+    """The step knobs, before any work (a bad one would fail mid-run or loop forever).
+    `total_steps` None: not known yet (`lov-jax train` checks before estimating it)."""
     t, o = config.train, config.optim
-    rules = [
-        ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1, ">= 1"),
-        ("train.ckpt_keep", t.ckpt_keep, t.ckpt_keep >= 1, ">= 1"),
-        ("train.ckpt_keep_period", t.ckpt_keep_period, t.ckpt_keep_period >= 0, ">= 0 (0: off)"),
-        ("train.loss_chunk", t.loss_chunk, t.loss_chunk >= 1, ">= 1"),
-        ("optim.grad_accum", o.grad_accum, o.grad_accum >= 1, ">= 1"),
-        ("optim.max_consecutive_nonfinite", o.max_consecutive_nonfinite,
-         o.max_consecutive_nonfinite >= 1, ">= 1"),
-        ("total steps (train.num_steps)", total_steps, total_steps >= 1, ">= 1"),
-    ]  # fmt: skip
+    rules = [  # (name, value, smallest allowed)
+        ("train.ckpt_every", t.ckpt_every, 1),
+        ("train.ckpt_keep", t.ckpt_keep, 1),
+        ("train.ckpt_keep_period", t.ckpt_keep_period, 0),
+        ("train.loss_chunk", t.loss_chunk, 1),
+        ("optim.grad_accum", o.grad_accum, 1),
+        ("optim.max_consecutive_nonfinite", o.max_consecutive_nonfinite, 1),
+    ]
+    if total_steps is not None:
+        rules.append(("total steps (train.num_steps)", total_steps, 1))
     if "loss_tokens_per_row" in t:
-        rules.append(("train.loss_tokens_per_row", t.loss_tokens_per_row,
-                      t.loss_tokens_per_row >= 0, ">= 0 (0: every position)"))  # fmt: skip
-    for name, value, ok, want in rules:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not ok:
-            raise ValueError(f"config {name}={value!r}: must be an integer {want}")
+        rules.append(("train.loss_tokens_per_row", t.loss_tokens_per_row, 0))  # 0: every one
+    for name, value, least in rules:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"config {name}={value!r}: must be an integer >= {least}")
 
 
 def _run_training(config, cfg, workdir, data_iter, init_params, total_steps, stop_after,

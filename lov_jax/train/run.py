@@ -122,8 +122,9 @@ def estimate_steps(config, cfg: ModelConfig, tokenizer, num_records: int) -> int
 def train_from_config(config, workdir: str | Path, progress: bool = True) -> TrainResult:
     """Everything `lov-jax train` does, under the workdir lock (a second trainer on the
     same workdir refuses before loading anything)."""
-    from lov_jax.train.loop import workdir_locked
+    from lov_jax.train.loop import check_train_knobs, workdir_locked
 
+    check_train_knobs(config)  # before the model, tokenizer and data are loaded
     with workdir_locked(workdir):
         return _train_from_config(config, Path(workdir), progress)
 

@@ -23,6 +23,7 @@ from lov_jax.testing.train_runs import MICRO, init_params, stage_config
 from lov_jax.train import checkpoint, metrics
 from lov_jax.train.loop import run_training
 from lov_jax.train.resume import ResumeConfigChanged
+from lov_jax.train.run import train_from_config
 from lov_jax.train.step import Trainer
 from lov_jax.workdir_lock import LOCK_NAME, WorkdirLocked
 
@@ -279,4 +280,7 @@ def test_step_knobs_are_validated_up_front(tmp_path, field, value):
         run_training(c, MICRO, tmp_path, SyntheticBatches(), init_params, STEPS, progress=False)
     with pytest.raises(ValueError, match=r"total steps .*=0"):
         run_training(stage_config(), MICRO, tmp_path, SyntheticBatches(), init_params, 0)
+    # `lov-jax train` checks them before loading a model or reading data (none given here)
+    with pytest.raises(ValueError, match=rf"{field}={value}: must be an integer >= "):
+        train_from_config(c, tmp_path / "cli", progress=False)
     assert not any(tmp_path.iterdir())

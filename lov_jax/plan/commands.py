@@ -92,10 +92,10 @@ def _plan(args) -> int:
             rows_per_device=args.rows_per_device, num_slices=args.num_slices, **common,
         )  # fmt: skip
     except DoesNotFit as err:
-        print(f"lov-jax plan: DOES NOT FIT: {err}", file=sys.stderr)
+        print(f"error: DOES NOT FIT: {err}", file=sys.stderr)  # the cli's one error style
         return 1
     except PlanError as err:
-        print(f"lov-jax plan: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(result.lines()))
     return 0 if result.fits else 1

@@ -1,7 +1,7 @@
 """DPO runs, the iterative loop and critic judging on the demo model and the shapes data.
 
-A stage-2 checkpoint of the demo recipe (configs/demo.py stage2_ov, a few steps from the
-preset's initialisation) is the policy; preferences come from the synthetic tasks.
+The policy is the `demo` fixture's stage-2 checkpoint (tests/post/conftest.py);
+preferences come from the synthetic tasks.
 """
 
 from __future__ import annotations
@@ -14,24 +14,10 @@ import pytest
 from lov_jax.post import critic, loop, shapes
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from configs import demo as recipe
-    from data_pipelines.synthetic import make_shapes_dataset
-    from lov_jax.train.run import train_from_config
-
-    out = tmp_path_factory.mktemp("post_demo")
-    data = out / "data"
-    make_shapes_dataset(data, 60, 10, seed=3)
-    c = recipe.stage_config("stage2_ov", out, data, steps=4, seed=3)
-    c.init_from = ""  # the preset's initialisation (the test's stand-in for 2-SI)
-    train_from_config(c, out / "stage2", progress=False)
-    return {"out": out, "data": data, "stage2": out / "stage2"}
-
-
-def test_shapes_dpo_round_raises_preference_accuracy(demo):
-    report = shapes.run_shapes_dpo(demo["stage2"], demo["data"], demo["out"] / "shapes_dpo",
-                                   steps=6, seed=3)  # fmt: skip
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shapes_dpo_round_raises_preference_accuracy(demo, lora):
+    out = demo["out"] / f"shapes_dpo_{'lora' if lora else 'full'}"
+    report = shapes.run_shapes_dpo(demo["stage2"], demo["data"], out, steps=6, seed=3, lora=lora)
     before, after = report["before"], report["after"]
     print(json.dumps({k: report[k] for k in ("before", "after")}, indent=1))
     assert report["test_pairs"] >= 6 and report["train_pairs"] > 20
@@ -40,6 +26,21 @@ def test_shapes_dpo_round_raises_preference_accuracy(demo):
     assert set(report["last_train_metrics"]) >= set(
         ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
          "logps/chosen", "logps/rejected"])  # fmt: skip
+    # the round's artefacts
+    assert json.loads((out / "report.json").read_text())["after"] == after
+    assert len((out / "pairs_train.jsonl").read_text().splitlines()) == report["train_pairs"]
+    assert (out / "dpo" / "checkpoints" / "6").is_dir()
+    if lora:  # the PEFT adapter dir and the merged HF dir the "after" figures come from
+        from lov_jax.convert import orbax_io
+
+        stored = orbax_io.param_metadata(orbax_io.resolve_checkpoint(out / "dpo"))
+        assert all(p.startswith("multi_modal_projector/") or p.endswith(("/lora_a", "/lora_b"))
+                   for p in stored), sorted(stored)  # fmt: skip
+        adapter = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+        assert adapter["r"] == shapes.LORA["r"] and adapter["peft_type"] == "LORA"
+        assert (out / "peft_adapter" / "adapter_model.safetensors").exists()
+        assert report["policy"] == str(out / "dpo_merged")
+        assert (out / "dpo_merged" / "config.json").exists()
 
 
 def test_precomputed_reference_equals_the_reference_in_the_step(demo, tmp_path):

@@ -393,13 +393,15 @@ def hf_to_params(
         if m.tf is not Transform.IDENTITY:
             x = np.array(x)  # sequential read first; transposing a file mapping faults ~3x slower
         y = m.tf.to_ours(x, m.shape)
-        if m.layer is None:
-            out[m.path] = np.array(y, dtype=out_dtype or y.dtype)  # owned copy, not a file view
+        if m.layer is None:  # overflowing casts: named by import_hf's NumberCheck
+            with np.errstate(over="ignore"):
+                out[m.path] = np.array(y, dtype=out_dtype or y.dtype)  # owned, not a file view
             return None
         with alloc:
             if m.path not in out:
                 out[m.path] = np.empty(shapes[m.path], dtype=out_dtype or y.dtype)
-        out[m.path][m.layer] = y
+        with np.errstate(over="ignore"):
+            out[m.path][m.layer] = y
         return None
 
     with ThreadPoolExecutor(_WORKERS) as pool:

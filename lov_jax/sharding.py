@@ -41,6 +41,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_width", None),
     ("channels", None),
     ("lora_rank", None),  # LoRA adapters' rank axis (lov_jax/lora)
+    # the vision tower and the projector's input width: their own names, so the tower's
+    # widths (SigLIP 1152 = 2^7 x 9) need not divide what the LLM's do; a dimension its
+    # axes do not divide is replicated (`REPLICATE_UNEVEN`), the tower being small
+    ("vision_embed", ("fsdp", "context")),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "context"),  # the LLM's tokens (L) over the context axis
@@ -215,6 +221,28 @@ def context_from_config(mesh_config: Mapping[str, object]):
         raise ValueError(f"config.mesh: {err}") from None
 
 
+# Logical names whose dimension is replicated where its mesh axes do not divide it
+# (`params_sharding`); any other indivisible dimension is left for jit / the planner's
+# `check_divisible` to refuse, naming the array.
+REPLICATE_UNEVEN = frozenset({"vision_embed", "vision_mlp", "vision_heads"})
+
+
+def fit_spec(
+    names: Sequence[str | None], shape: Sequence[int], axis_sizes: Mapping[str, int],
+    rules: Sequence[tuple] = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:  # fmt: skip
+    """`logical_to_spec(names)` with each `REPLICATE_UNEVEN` dimension that its mesh axes
+    (sizes `axis_sizes`, e.g. `mesh.shape`) do not divide replicated instead."""
+    from jax.sharding import PartitionSpec
+
+    spec = list(logical_to_spec(names, rules))
+    for i, (name, axes) in enumerate(zip(names, spec, strict=True)):
+        flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if name in REPLICATE_UNEVEN and shape[i] % math.prod(axis_sizes.get(a, 1) for a in flat):
+            spec[i] = None
+    return PartitionSpec(*spec)
+
+
 def logical_to_spec(
     names: Sequence[str | None], rules: Sequence[tuple] = LOGICAL_AXIS_RULES
 ) -> PartitionSpec:
@@ -262,7 +290,8 @@ def params_sharding(boxed_tree, mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXI
     """NamedSharding tree for a tree of `nn.LogicallyPartitioned` leaves (abstract ok).
 
     Works for params and for optimizer states built from boxed params (moments keep
-    their parameter's names); unboxed leaves (step counters) are replicated.
+    their parameter's names); unboxed leaves (step counters) are replicated. The tower's
+    uneven dimensions are replicated (`fit_spec`).
     """
     import flax.linen as nn
     import jax
@@ -270,7 +299,7 @@ def params_sharding(boxed_tree, mesh: Mesh, rules: Sequence[tuple] = LOGICAL_AXI
 
     def to_sharding(x):
         if isinstance(x, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, logical_to_spec(x.names, rules))
+            return NamedSharding(mesh, fit_spec(x.names, x.value.shape, mesh.shape, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(

@@ -65,14 +65,14 @@ class _Embeddings(nn.Module):
             cfg, self.dtype, self.param_dtype, use_bias=False, name="patch_embedding"
         )(x)  # [B, P, D]
         # a vector f[D] as HF stores it (not [1, 1, D])
-        cls = self.param("class_embedding", init(std, ("embed",)), (cfg.hidden_size,),
+        cls = self.param("class_embedding", init(std, ("vision_embed",)), (cfg.hidden_size,),
                          self.param_dtype)  # fmt: skip
         pos = nn.Embed(
             cfg.num_patches + 1,  # row 0: the CLS position
             cfg.hidden_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=init(std, ("patches", "embed")),
+            embedding_init=init(std, ("patches", "vision_embed")),
             name="position_embedding",
         )
         b = patch.shape[0]

@@ -26,7 +26,7 @@ class MultiModalProjector(_Projector):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        x = dense(self.hidden_size, axes=("embed", "mlp"), name="linear_1", **kw)(x)
+        x = dense(self.hidden_size, axes=("vision_embed", "mlp"), name="linear_1", **kw)(x)
         x = nn.gelu(x, approximate=False)  # HF projector_hidden_act="gelu" (erf)
         return dense(self.hidden_size, axes=("mlp", "embed"), name="linear_2", **kw)(x)
 
@@ -35,4 +35,4 @@ class LinearProjector(_Projector):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        return dense(self.hidden_size, axes=("embed", "mlp"), name="linear_1", **kw)(x)
+        return dense(self.hidden_size, axes=("vision_embed", "mlp"), name="linear_1", **kw)(x)

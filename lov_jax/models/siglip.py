@@ -56,7 +56,7 @@ class _Embeddings(nn.Module):
             # std 1/sqrt(width) as HF's SiglipPreTrainedModel._init_weights (from scratch,
             # position is then a visible part of every patch, not 2% of it)
             embedding_init=init(
-                nn.initializers.normal(cfg.hidden_size**-0.5), ("patches", "embed")
+                nn.initializers.normal(cfg.hidden_size**-0.5), ("patches", "vision_embed")
             ),
             name="position_embedding",
         )

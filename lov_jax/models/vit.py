@@ -56,7 +56,7 @@ class PatchEmbedding(nn.Module):
         cfg, p = self.cfg, self.cfg.patch_size
         init = nn.with_logical_partitioning
         channels = x.shape[-1]
-        kernel_axes = ("conv_height", "conv_width", "channels", "embed")
+        kernel_axes = ("conv_height", "conv_width", "channels", "vision_embed")
         kernel = self.param(
             "kernel",
             init(nn.initializers.lecun_normal(), kernel_axes),
@@ -73,7 +73,7 @@ class PatchEmbedding(nn.Module):
         x = x @ w  # [B, n*n, D], row-major y*n+x
         if self.use_bias:
             bias = self.param(
-                "bias", init(nn.initializers.zeros_init(), ("embed",)), (cfg.hidden_size,),
+                "bias", init(nn.initializers.zeros_init(), ("vision_embed",)), (cfg.hidden_size,),
                 self.param_dtype,
             )  # fmt: skip
             x = x + jnp.asarray(bias, self.dtype)
@@ -127,13 +127,13 @@ class _SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         cfg, kw = self.cfg, {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        shape, axes = (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim")
+        shape, axes = (cfg.num_heads, cfg.head_dim), ("vision_embed", "vision_heads", "head_dim")
         q = dense(shape, axes=axes, name="q_proj", **kw)(h)  # [B, T, N, H]
         k = dense(shape, axes=axes, name="k_proj", **kw)(h)
         v = dense(shape, axes=axes, name="v_proj", **kw)(h)
         out = dot_product_attention(q, k, v)  # no mask: every position of one crop
         return dense(
-            cfg.hidden_size, axes=("heads", "head_dim", "embed"), in_axes=(-2, -1),
+            cfg.hidden_size, axes=("vision_heads", "head_dim", "vision_embed"), in_axes=(-2, -1),
             name="out_proj", **kw,
         )(out)  # fmt: skip
 
@@ -146,6 +146,8 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        h = dense(self.cfg.intermediate_size, axes=("embed", "mlp"), name="fc1", **kw)(h)
+        h = dense(
+            self.cfg.intermediate_size, axes=("vision_embed", "vision_mlp"), name="fc1", **kw
+        )(h)
         h = _ACTIVATIONS[self.cfg.hidden_act](h)
-        return dense(self.cfg.hidden_size, axes=("mlp", "embed"), name="fc2", **kw)(h)
+        return dense(self.cfg.hidden_size, axes=("vision_mlp", "vision_embed"), name="fc2", **kw)(h)

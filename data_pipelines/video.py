@@ -131,25 +131,33 @@ class FrameIndex:
 
     pts: presentation time stamps, ascending: frame i of the video is the i-th (this holds
     for variable frame rates too). keyframes: the pts of keyframe packets, ascending.
+    seekable: False when packets carry no timestamps (a raw .h264 stream): then `pts` is
+    0..n-1 (packet order) and frames are decoded in order, without seeking.
     """
 
     pts: tuple[int, ...]
     keyframes: tuple[int, ...]
+    seekable: bool = True
 
 
 def frame_index(src) -> FrameIndex:
     import av
 
-    pts, keys = [], []
+    pts, keys, untimed = [], [], 0
     with av.open(src if not isinstance(src, Path) else str(src)) as container:
         if not container.streams.video:
             return FrameIndex((), ())
         for packet in container.demux(container.streams.video[0]):
-            if packet.size == 0 or packet.pts is None:  # the flush packet
+            if packet.size == 0:  # the flush packet
+                continue
+            if packet.pts is None:
+                untimed += 1
                 continue
             pts.append(packet.pts)
             if packet.is_keyframe:
                 keys.append(packet.pts)
+    if untimed:
+        return FrameIndex(tuple(range(len(pts) + untimed)), (), seekable=False)
     return FrameIndex(tuple(sorted(pts)), tuple(sorted(keys)))
 
 
@@ -178,6 +186,20 @@ def decode_frames(
             want.setdefault(index.pts[int(i)], []).append(out_pos)
     decoded = seeks = 0
     if not want:
+        return out, n
+    if not index.seekable:  # frame i is the i-th decoded; stop after the last wanted
+        with av.open(src if not isinstance(src, Path) else str(src)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                decoded += 1
+                if i in want:
+                    array = frame.to_ndarray(format="rgb24")
+                    for out_pos in want[i]:
+                        out[out_pos] = array
+                if i >= max(want):
+                    break
+        n = max(n, decoded)
+        if stats is not None:
+            stats.update(decoded=decoded, seeks=0)
         return out, n
     with av.open(src if not isinstance(src, Path) else str(src)) as container:
         stream = container.streams.video[0]

@@ -34,7 +34,23 @@ def clips(tmp_path_factory):
         V.write_video(d / f"{name}.mp4", _frames(n, seed=n), fps=fps, gop=gop)
         out[name] = (d / f"{name}.mp4", n, fps)
     out["vfr"] = (_write_vfr(d / "vfr.mp4"), 30, None)
+    out["raw_h264"] = (_write_raw(d / "raw.h264"), 20, None)
     return out
+
+
+def _write_raw(path):
+    """A raw h264 stream: packets without timestamps (decoded in order, no seeking)."""
+    import av
+
+    frames = _frames(20, seed=3)
+    with av.open(str(path), mode="w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return path
 
 
 def _write_vfr(path):
@@ -58,7 +74,7 @@ def _write_vfr(path):
     return path
 
 
-@pytest.mark.parametrize("name", ["gop5", "gop16", "onegop", "vfr"])
+@pytest.mark.parametrize("name", ["gop5", "gop16", "onegop", "vfr", "raw_h264"])
 def test_seeking_decode_equals_decoding_every_frame(clips, name):
     path, n, _ = clips[name]
     every = V.decode_all_frames(path)

@@ -136,23 +136,46 @@ def make_mesh(
     stacked on `data` over the data-center network, so the global data axis is
     `dcn_data * data`. Slices are told apart by `device.slice_index` (TPU multi-slice) or,
     where that does not give `dcn_data` groups (CPU/GPU clusters), by process. `context`
-    sits between fsdp and tensor: its ring's neighbours are near on the torus.
+    sits between fsdp and tensor: its ring's neighbours are near on the torus. The device
+    order is `device_array`'s.
     """
     import jax
     from jax.sharding import AxisType, Mesh
 
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices), dcn_data, context=context)
-    axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    if dcn_data == 1:
-        return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+    array = device_array(shape, devices, dcn_data)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_array(shape: Sequence[int], devices: Sequence, dcn_data: int = 1):
+    """`devices` as an array of `shape` (MESH_AXES, inside one slice), in ICI order.
+
+    On TPU `mesh_utils` maps each mesh axis onto torus axes (`coords`, `core_on_chip`);
+    where no product of whole torus axes gives an axis (tensor=8 on v5p-128's 4x4x4),
+    physical axes are split (`allow_split_physical_axes`). With `dcn_data` > 1 the
+    granules (TPU slices, else processes) are stacked on `data`. Devices of several TPU
+    slices with dcn_data != their slice count is a ValueError naming the axes that would
+    cross the data-center network.
+    """
     from jax.experimental import mesh_utils
 
     # Granules: TPU slices where devices carry distinct slice_index values, else processes
     # (GPU/CPU clusters report slice_index 0 everywhere, or none).
     slices = {getattr(d, "slice_index", None) for d in devices}
     processes = {d.process_index for d in devices}
-    if None not in slices and len(slices) == dcn_data:
+    tpu_slices = len(slices) if None not in slices else 1
+    if tpu_slices > 1 and tpu_slices != dcn_data:
+        inner = [f"{a}={n}" for a, n in zip(MESH_AXES, shape, strict=True) if n > 1]
+        raise ValueError(
+            f"devices span {tpu_slices} TPU slices but dcn_data={dcn_data}: "
+            f"{' x '.join(inner) or 'the mesh'} would cross the data-center network (DCN, "
+            f"the slow link between slices); set dcn_data={tpu_slices} (config.mesh."
+            "dcn_data, lov-jax plan --num-slices) so only the data axis spans slices"
+        )
+    if dcn_data == 1:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    if tpu_slices == dcn_data:
         by_process = False
     elif len(processes) == dcn_data:
         by_process = True
@@ -161,10 +184,10 @@ def make_mesh(
             f"devices span {len(slices)} slice(s) and {len(processes)} process(es): "
             f"cannot form dcn_data={dcn_data} slices"
         )
-    array = mesh_utils.create_hybrid_device_mesh(
-        shape, (dcn_data, 1, 1, 1), devices, process_is_granule=by_process
-    )
-    return Mesh(array, MESH_AXES, axis_types=axis_types)
+    return mesh_utils.create_hybrid_device_mesh(
+        shape, (dcn_data, 1, 1, 1), devices, process_is_granule=by_process,
+        allow_split_physical_axes=True,
+    )  # fmt: skip
 
 
 def mesh_from_flag(text: str | None, devices: Sequence[jax.Device] | None = None) -> Mesh | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -79,3 +80,83 @@ def test_llm_shards_and_tower_replicates_on_8_devices():
     _, tree = _state_shardings(_cfg(36, 60), mesh)
     with pytest.raises(PlanError, match=r"language_model.*embed_tokens.*\(1024, 60\)"):
         check_divisible(tree)
+
+
+class FakeTpu:
+    """What mesh_utils reads of a TPU device (jax's own mesh_utils tests do the same)."""
+
+    platform = "tpu"
+
+    def __init__(self, i, coords, kind="TPU v5p", slice_index=0, core=0):
+        self.id, self.coords, self.device_kind = i, coords, kind
+        self.slice_index, self.core_on_chip, self.process_index = slice_index, core, i // 4
+
+    def __repr__(self):
+        return f"TPU({self.id}, {self.coords}, slice {self.slice_index})"
+
+
+def fake_slice(dims, kind, slice_index=0, start=0):
+    import itertools
+
+    cells = itertools.product(*(range(n) for n in reversed(dims)))
+    return [FakeTpu(start + i, tuple(reversed(c)), kind, slice_index) for i, c in enumerate(cells)]
+
+
+def _groups(array, axis):
+    """The device groups along one mesh axis (every other index fixed)."""
+    moved = np.moveaxis(array, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _box(group):
+    coords = np.array([d.coords for d in group])
+    return int(np.prod(coords.max(0) - coords.min(0) + 1))
+
+
+@pytest.mark.parametrize(
+    "dims, kind, shape",
+    [
+        ((4, 4, 4), "TPU v5p", (1, 8, 1, 8)),  # v5p-128: tensor=8 splits a 4-wide axis
+        ((4, 4, 4), "TPU v5p", (2, 4, 1, 8)),
+        ((16, 16, 1), "TPU v6 lite", (1, 32, 1, 8)),  # v6e-256
+        ((16, 16, 1), "TPU v6 lite", (1, 16, 2, 8)),
+    ],
+)
+def test_device_order_splits_physical_axes(dims, kind, shape):
+    devices = fake_slice(dims, kind)
+    array = sharding.device_array(shape, devices)
+    assert array.shape == shape
+    assert sorted(d.id for d in array.flat) == list(range(len(devices)))
+    # each tensor group is a compact block of the torus (8 chips in a box of 8)
+    for group in _groups(array, 3):
+        assert _box(group) == len(group), group
+
+
+def test_device_order_over_slices_and_dcn_hygiene():
+    devices = fake_slice((2, 2, 1), "TPU v5p", 0) + fake_slice((2, 2, 1), "TPU v5p", 1, 4)
+    array = sharding.device_array((1, 2, 1, 2), devices, dcn_data=2)
+    assert array.shape == (2, 2, 1, 2)
+    for d in range(2):  # data index d = slice d; fsdp x tensor inside it
+        assert {dev.slice_index for dev in array[d].flat} == {d}
+    with pytest.raises(ValueError, match=r"2 TPU slices but dcn_data=1: fsdp=4 x tensor=2 .*DCN"):
+        sharding.device_array((1, 4, 1, 2), devices)
+    with pytest.raises(ValueError, match=r"dcn_data=4"):
+        sharding.device_array((1, 2, 1, 1), devices, dcn_data=4)
+
+
+@pytest.mark.skipif(
+    not __import__("lov_jax.plan", fromlist=["x"]).libtpu_available(),
+    reason="libtpu not installed (pip install -e .[tpu]): no TPU topology devices",
+)
+@pytest.mark.parametrize(
+    "name, shape",
+    [("v5p-128", (1, 8, 1, 8)), ("v6e-256", (1, 32, 1, 8)), ("v6e-256", (1, 16, 1, 16))],
+)
+def test_planner_lays_split_meshes_on_topologies(name, shape):
+    from lov_jax import plan
+
+    topo = plan.parse_topology(name)
+    mesh = plan.build_mesh(plan.topology_devices(topo), shape)
+    assert tuple(mesh.shape.values()) == shape
+    for group in _groups(mesh.devices, 3):
+        assert _box(group) == len(group)

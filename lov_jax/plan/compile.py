@@ -58,9 +58,7 @@ def build_mesh(devices, shape: tuple[int, int, int, int], num_slices: int = 1):
         )  # fmt: skip
     except (ValueError, NotImplementedError) as err:
         raise PlanError(
-            f"cannot lay mesh {mesh_text(shape, 1)} out on the topology: "
-            "the train mesh does not split physical torus axes, so each mesh axis inside a "
-            "slice must be a product of some of the slice's dimensions "
+            f"cannot lay mesh {mesh_text(shape, 1)} out on the topology "
             f"({str(err).splitlines()[0]})"
         ) from err
 

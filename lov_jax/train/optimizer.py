@@ -2,7 +2,9 @@
 
 Groups: `vision` (vision_tower/*), `projector` (multi_modal_projector/*), `llm`
 (language_model/*), and `image_newline` joins the group named by
-`optim.newline_group` (the original recipe trains it with the LLM). A group not
+`optim.newline_group` (the original recipe trains it with the LLM); LLaVA-Mini's
+`compressor/*` and `prefusion_layers/*` join `projector` (its fixed `pos_embed` is always
+frozen). A group not
 listed in `optim.trainable` is frozen: its params are not differentiated, get
 no optimizer state and are returned bitwise unchanged. That is `optax.set_to_zero`
 semantics without allocating zero gradients; since a frozen vision tower has no
@@ -20,6 +22,7 @@ from flax import traverse_util
 
 GROUPS = ("vision", "projector", "llm")
 FROZEN = "frozen"
+MINI_PARTS = ("compressor", "prefusion_layers")  # lov_jax/models/llava_mini.py
 
 
 def group_of(path: tuple[str, ...], newline_group: str = "llm") -> str:
@@ -32,6 +35,8 @@ def group_of(path: tuple[str, ...], newline_group: str = "llm") -> str:
         return "llm"
     if top == "image_newline":
         return newline_group
+    if top in MINI_PARTS:  # LLaVA-Mini's tune_mm_mlp_adapter trains them with the projector
+        return FROZEN if path[-1] == "pos_embed" else "projector"  # pos_embed: a buffer
     raise ValueError(f"parameter {'/'.join(path)} belongs to no optimizer group")
 
 

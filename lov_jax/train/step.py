@@ -53,6 +53,7 @@ def loss_terms(module: LlavaOnevision, batch, chunk: int, z_loss: float, loss_to
     hidden = module(
         batch["tokens"], batch["positions"], batch["segment_ids"],
         batch.get("pixels"), batch.get("vis_idx"), batch.get("vis_w"), output="hidden",
+        loss_mask=batch["loss_mask"],  # LLaVA-Mini keeps responses out of its pre-fusion
     )  # fmt: skip
     targets, mask = batch["targets"], batch["loss_mask"]
     if loss_tokens:

@@ -8,11 +8,14 @@ for a scanned model it is a small fraction of the work. Here the per-chip optimi
   * matmul FLOPs only: `dot` = 2 x output elements x contracted size; `convolution` =
     2 x output elements x kernel elements / output features. Elementwise work is not
     counted (the model FLOPs do not count it either).
-  * a while loop's body counts `known_trip_count` times (the trip count XLA's
-    while-loop analysis writes into the loop's backend_config); a loop without one is
-    counted once and reported in `unknown_trip_loops`. Fusions, calls and async
-    wrappers count their called computation once; a conditional its costliest branch.
-  * a splash kernel (`tpu_custom_call` named `splash_{mha,mqa}_{fwd,dq,dkv}...`) counts
+  * a while loop's body counts `known_trip_count` times (the trip count XLA:CPU's
+    while-loop analysis writes into the loop's backend_config), else the N of its
+    condition `counter < constant(N)` (the TPU compiler's loops; jax's scans count from
+    0 by 1); a loop with neither is counted once and reported in `unknown_trip_loops`.
+    Fusions, calls and async wrappers count their called computation once; a
+    conditional its costliest branch.
+  * a splash kernel (a `tpu_custom_call` the TPU compiler names after the kernel,
+    `splash_{mha,mqa}_{fwd,dq,dkv}...`; or that name in its backend config) counts
     its formula from its operand shapes: q float[..., N, T, H], k float[..., K, S, H];
     one T x S x H matmul per query head is 2NTSH, fwd runs 2 (QK^T, PV), dq 3 (QK^T,
     dO V^T, dS K), dkv 4 (QK^T, dO V^T, P^T dO, dS^T Q); with the causal mask the kernel
@@ -149,6 +152,24 @@ def _kernel_name(attrs: str) -> str | None:
     return None
 
 
+def _trip_from_condition(lines: list[str]) -> int | None:
+    """N of a loop condition `ROOT compare(counter, s32[] constant(N)), direction=LT`: the
+    TPU compiler does not annotate `known_trip_count`; jax's loops count 0, 1, ... N-1."""
+    constants = {}
+    for line in lines:
+        m = _INSTR.match(line)
+        if m is None:
+            continue
+        c = re.match(r"s32\[\]\S* constant\((\d+)\)", m.group(2))
+        if c:
+            constants[m.group(1)] = int(c.group(1))
+        if line.lstrip().startswith("ROOT") and "compare(" in line and "direction=LT" in line:
+            names = _NAME.findall(line.split("compare(", 1)[1].split(")", 1)[0])
+            if len(names) == 2 and names[1] in constants:
+                return constants[names[1]]
+    return None
+
+
 def hlo_flops(text: str) -> HloFlops:
     """Matmul + splash FLOPs of an optimized HLO module's text (module docstring)."""
     comps: dict[str, list[str]] = {}
@@ -195,10 +216,12 @@ def hlo_flops(text: str) -> HloFlops:
                 out.dot_flops += 2.0 * math.prod(dims) * math.prod(rhs) / rhs[o]
             elif op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", attrs).group(1)
+                cond = re.search(r"condition=%?([\w.\-]+)", attrs).group(1)
                 trip = _TRIP.search(attrs)
-                if trip is None:
+                n = int(trip.group(1)) if trip else _trip_from_condition(comps.get(cond, []))
+                if n is None:
                     out.unknown_trip_loops += 1
-                out.add(of(body).scaled(int(trip.group(1)) if trip else 1))
+                out.add(of(body).scaled(1 if n is None else n))
             elif op == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", attrs)
                 names_b = _NAME.findall(branches.group(1)) if branches else []
@@ -207,7 +230,10 @@ def hlo_flops(text: str) -> HloFlops:
             elif op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]*)"', attrs)
                 target = target.group(1) if target else "?"
-                kernel = _kernel_name(attrs) if target == "tpu_custom_call" else None
+                kernel = None
+                if target == "tpu_custom_call":  # the TPU compiler names it after the kernel
+                    named = _SPLASH.match(m.group(1))
+                    kernel = named.group(0) if named else _kernel_name(attrs)
                 if kernel is not None:
                     phase = _SPLASH.match(kernel).group(1)
                     args = [shapes.get(n, ("?", ())) for n in names]

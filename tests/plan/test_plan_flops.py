@@ -45,13 +45,27 @@ HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
   %k = bf16[2,2,512,64]{3,2,1,0} get-tuple-element(%p), index=2
   %mask = s32[2,4,4]{2,1,0} constant({...})
   %out = bf16[2,4,512,64]{3,2,1,0} custom-call(%mask, %q, %k, %k), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUgAB"}}, kernel_name="splash_mha_fwd_segmented_no_residuals"
-  %dq = bf16[2,4,512,64]{3,2,1,0} custom-call(%mask, %q, %k, %k, %out), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUgAB"}}, kernel_name="splash_mha_dq_segmented"
+  %splash_mha_dq_segmented.3 = bf16[2,4,512,64]{3,2,1,0:T(8,128)} custom-call(%mask, %q, %k, %k, %out), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUgAB"}}
   %other = f32[4]{0} custom-call(%mask), custom_call_target="SomethingElse"
   ROOT %t = (s32[], bf16[2,4,512,64]{3,2,1,0}, bf16[2,2,512,64]{3,2,1,0}) tuple(%p, %out, %k)
 }
 
 %cond (p.1: (s32[], bf16[2,4,512,64], bf16[2,2,512,64])) -> pred[] {
   ROOT %c = pred[] constant(true)
+}
+
+%cond5 (c: (s32[], f32[2,2])) -> pred[] {
+  %five = s32[]{:T(128)} constant(5)
+  %c = (s32[]{:T(128)}, f32[2,2]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%c), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %five), direction=LT
+}
+
+%body5 (b: (s32[], f32[2,2])) -> (s32[], f32[2,2]) {
+  %b = (s32[], f32[2,2]{1,0}) parameter(0)
+  %x = f32[2,2]{1,0} get-tuple-element(%b), index=1
+  %y = f32[2,2]{1,0:T(8,128)} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t5 = (s32[], f32[2,2]{1,0}) tuple(%b, %y)
 }
 
 %loop (a: f32[9,3]) -> pred[] {
@@ -67,6 +81,7 @@ ENTRY %main (x: f32[1,10,10,3], k: f32[2,2,3,8]) -> f32[] {
   %w = (s32[], bf16[2,4,512,64]{3,2,1,0}, bf16[2,2,512,64]{3,2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"6"}}
   %a = f32[9,3]{1,0} constant({...})
   %u = pred[] while(%a), condition=%cond, body=%loop
+  %tpu = (s32[], f32[2,2]{1,0}) while(%init), condition=%cond5, body=%body5
   ROOT %r = f32[] constant(0)
 }
 """
@@ -74,8 +89,9 @@ ENTRY %main (x: f32[1,10,10,3], k: f32[2,2,3,8]) -> f32[] {
 
 def test_kernels_convolutions_and_loops_from_hlo_text():
     got = flops.hlo_flops(HLO)
-    # conv: 2 x 200 outputs x (2 * 2 * 3) taps; the loop without a trip count: once.
-    assert got.dot_flops == 2 * 200 * 12 + 2 * 9 * 6 * 3
+    # conv: 2 x 200 outputs x (2 * 2 * 3) taps; the loop without a trip count: once; the
+    # TPU-style loop (no known_trip_count) runs its `i < 5` condition's 5 times.
+    assert got.dot_flops == 2 * 200 * 12 + 2 * 9 * 6 * 3 + 5 * 2 * 2 * 2 * 2
     assert got.unknown_trip_loops == 1
     # splash over 512 tokens = one 512 block, so causal computes it whole: per call
     # 2 * B N T S H per matmul, fwd 2 matmuls, dq 3; the loop runs 6 times.
@@ -83,7 +99,7 @@ def test_kernels_convolutions_and_loops_from_hlo_text():
     assert got.kernel_flops == pytest.approx(6 * (2 + 3) * one)
     assert got.kernel_calls == {
         "splash_mha_fwd_segmented_no_residuals": 6,
-        "splash_mha_dq_segmented": 6,
+        "splash_mha_dq_segmented": 6,  # named by the TPU compiler's instruction
     }
     assert got.uncounted_calls == {"SomethingElse": 6}
     with pytest.raises(ValueError, match="no ENTRY"):

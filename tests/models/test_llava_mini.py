@@ -332,16 +332,20 @@ def test_generate_matches_full_recompute(mini_models):
         [PromptInputs(prompt, frames, [item])], GenerationConfig(max_new_tokens=new, stop_ids=())
     )
     model = LlavaOnevision(cfg)
-    seq = list(prompt)
+    forward = jax.jit(  # one compile: the sequence padded to its final length
+        lambda p, *a: model.apply({"params": p}, *a[:-1], output="logits", loss_mask=a[-1])
+    )
+    seq, total = list(prompt), len(prompt) + new
     for _ in range(new):
         n = len(seq)
-        idx, w = mini_layout.place_taps(np.array(seq), [8], [2], cfg, 2)
-        loss = np.zeros(n, np.float32)
+        tokens = np.array(seq + [0] * (total - n), np.int32)
+        idx, w = mini_layout.place_taps(tokens, [8], [2], cfg, 2)
+        loss = np.zeros(total, np.float32)
         loss[len(prompt) - 1 : n - 1] = 1.0  # generated tokens: responses
-        logits = model.apply(
-            {"params": params}, jnp.asarray([seq]), jnp.arange(n)[None], jnp.ones((1, n), int),
-            jnp.asarray(frames[None]), jnp.asarray(idx[None]), jnp.asarray(w[None]),
-            output="last_logits", loss_mask=jnp.asarray(loss[None]),
+        seg = (np.arange(total) < n).astype(np.int32)
+        logits = forward(
+            params, tokens[None], np.arange(total)[None], seg[None], frames[None], idx[None],
+            w[None], loss[None],
         )  # fmt: skip
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        seq.append(int(jnp.argmax(logits[0, n - 1])))
     assert out.tokens[0] == seq[len(prompt) :]

@@ -134,3 +134,23 @@ def test_train_step_flops_match_the_model():
     )  # fmt: skip
     assert got.total * 2 == pytest.approx(expected, rel=0.05)
     assert _cost_flops(compiled) * 2 < 0.6 * expected  # XLA counts each body once
+
+
+@pytest.mark.skipif(
+    not __import__("lov_jax.plan", fromlist=["x"]).libtpu_available(),
+    reason="libtpu not installed (pip install -e .[tpu]): cannot AOT-compile for TPU",
+)
+def test_tpu_plan_counts_splash_and_loops():
+    # The TPU compiler's HLO: splash kernels by name, loops without known_trip_count.
+    from pathlib import Path
+
+    from lov_jax import plan
+    from lov_jax.train.config_loading import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(f"{root}/configs/stage2_ov.py:tiny")
+    config.data.seq_len, config.data.max_crops = 1024, 1
+    with jax.default_matmul_precision("default"):
+        res = plan.plan(config, "v5e-8", fsdp=4, tensor=2, attention="splash", remat="none")
+    assert res.compiled_flops == pytest.approx(res.executed_flops, rel=0.05)
+    assert res.xla_cost_flops < res.compiled_flops

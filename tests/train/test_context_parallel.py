@@ -6,7 +6,7 @@ step pads it), ring attention with zigzag rows, the sequence-sharded chunked los
 fp32 with 'highest' matmuls (conftest). Adam's eps is 1, so its first updates are
 ~ lr * g (no sign amplification of round-off in near-zero gradients) and the params after
 two steps compare the gradients. Tolerances: losses rtol 1e-5, params atol 2e-6
-(measured: ~1e-7 and ~3e-7).
+(measured at context=4 fsdp=2: 1.9e-7 and 3.0e-8).
 """
 
 from __future__ import annotations

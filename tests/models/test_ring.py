@@ -2,7 +2,7 @@
 kernel on the whole row: ring and all-gather-KV, contiguous and zigzag layouts, causal and
 not, with and without packed segments (several crossing block boundaries), GQA and a
 sliding window; forward and gradients. fp32, 'highest' matmuls (conftest): atol 2e-5
-(measured: <= 3e-6).
+(a first run on other shapes, B=2 T=64 N=4 K=2 over context=4 fsdp=2: <= 2.4e-6).
 """
 
 from __future__ import annotations

@@ -25,12 +25,15 @@ wins when both are set) or `rope_parameters` (5.x); its type is `rope_type` or t
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # Per scaled type: (required keys, optional keys) of its HF dict besides rope_type / type /
@@ -228,14 +231,34 @@ def _dynamic_inv_freq(dim: int, theta: float, s: RopeScaling, seq_len, lmax: int
     return _default_inv_freq(base, dim)
 
 
+@functools.lru_cache(maxsize=64)
+def static_table(
+    dim: int, theta: float, scaling: RopeScaling | None, max_position_embeddings: int
+) -> tuple[np.ndarray, float]:
+    """inv_freq_and_scale as host values, evaluated op by op on the CPU (not constant-folded
+    by XLA) so they round as torch's do, whatever the backend.
+
+    It runs in a thread of its own: the caller is usually inside a trace under
+    `jax.set_mesh`, where an eager op would be placed on the mesh's devices (and under the
+    planner's AOT topology mesh there is no device to run it on). A fresh thread has a clean
+    trace state and no mesh; the result enters the caller's program as a constant.
+    """
+
+    def evaluate():
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            inv_freq, scale = inv_freq_and_scale(dim, theta, scaling, max_position_embeddings)
+            return np.asarray(inv_freq), float(scale)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(evaluate).result()
+
+
 def rope_frequencies(positions: jax.Array, cfg) -> tuple[jax.Array, float]:
     """(inv_freq float32[head_dim/2], attention_scaling) a TextConfig's RoPE uses for a call
     at int32 `positions` (only dynamic depends on them: L = max(positions) + 1)."""
     dim, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
     lmax = cfg.max_position_embeddings
-    # The static tables are evaluated op by op (not constant-folded) so they round as torch.
-    with jax.ensure_compile_time_eval():
-        inv_freq, scale = inv_freq_and_scale(dim, theta, s, lmax)
+    inv_freq, scale = static_table(dim, theta, s, lmax)
     if s is not None and s.rope_type == "dynamic":
         seq_len = jnp.max(positions) + 1
         grown = _dynamic_inv_freq(dim, theta, s, seq_len, lmax)

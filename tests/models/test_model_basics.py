@@ -108,9 +108,10 @@ def test_sharded_forward_equals_single_device(remat):
         fwd = jax.jit(lambda p, b: model.apply({"params": p}, **b))
         out = fwd(sharded_params, sharded_batch)
     q = sharded_params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    # embed shards over fsdp x context (context devices share params and optimizer state)
+    assert q.sharding.spec == P(None, ("fsdp", "context"), "tensor", None)
     emb = sharded_params["language_model"]["embed_tokens"]["embedding"]
-    assert emb.sharding.spec == P("tensor", "fsdp")
+    assert emb.sharding.spec == P("tensor", ("fsdp", "context"))
     assert len(out.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-4)
 

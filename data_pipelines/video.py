@@ -10,16 +10,10 @@ from pathlib import Path
 import numpy as np
 
 
-def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
-    """Uniformly spaced indices incl. first and last (LLaVA-OV inference tutorial)."""
-    if total <= 0:
-        raise ValueError("video has no frames")
-    return np.linspace(0, total - 1, min(num_frames, total), dtype=int)
-
-
 def read_video(path: str | Path, num_frames: int = 8) -> np.ndarray:
-    """Decode `path` and return uint8[F, H, W, 3] RGB frames sampled uniformly (F <=
-    `num_frames`), decoding only the GOPs that hold them (`decode_frames`)."""
+    """Decode `path` and return uint8[num_frames, H, W, 3] RGB frames sampled as lmms-eval
+    samples them (`lmms_eval_frame_indices`: uniform, first and last included, frames of a
+    clip shorter than `num_frames` repeated), decoding only the GOPs that hold them."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"video not found: {path}")
@@ -27,7 +21,7 @@ def read_video(path: str | Path, num_frames: int = 8) -> np.ndarray:
         index = frame_index(path)
         if not index.pts:
             raise ValueError("no video frames")
-        frames, _ = decode_frames(path, sample_frame_indices(len(index.pts), num_frames), index)
+        frames, _ = decode_frames(path, lmms_eval_frame_indices(len(index.pts), num_frames), index)
     except Exception as err:  # PyAV's FFmpegError, a short stream, a file that is no video
         raise ValueError(f"cannot decode video {path}: {err}") from err
     if any(f is None for f in frames):

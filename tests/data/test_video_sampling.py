@@ -106,13 +106,16 @@ def test_past_the_end_indices_are_none_and_bytes_decode_alike(clips):
     np.testing.assert_array_equal(from_bytes[1], V.decode_all_frames(path)[40])
 
 
-def test_read_video_samples_uniformly_and_caps_at_the_length(clips):
-    path, n, _ = clips["gop16"]
-    every = V.decode_all_frames(path)
-    got = V.read_video(path, 6)
-    want = np.linspace(0, n - 1, 6, dtype=int)
-    np.testing.assert_array_equal(got, np.stack([every[i] for i in want]))
-    assert len(V.read_video(clips["onegop"][0], 64)) == 23  # shorter than asked: every frame
+def test_read_video_samples_as_lmms_eval(clips):
+    """generate / eval / serve read lmms-eval's frames: uniform, and a clip shorter than
+    asked repeats frames (always num_frames, so the token count is the model's)."""
+    for name, frames in (("gop16", 6), ("onegop", 64)):
+        path, n, _ = clips[name]
+        every = V.decode_all_frames(path)
+        got = V.read_video(path, frames)
+        want = np.linspace(0, n - 1, frames, dtype=int)
+        np.testing.assert_array_equal(got, np.stack([every[i] for i in want]))
+    assert clips["onegop"][1] == 23 < 64  # the short clip: frames repeat
 
 
 def test_lmms_eval_uniform_max_frames_num():

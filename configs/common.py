@@ -41,6 +41,10 @@ def base_config(preset: str, presets: tuple[str, ...] = PRESETS) -> ml_collectio
             # "" = the preset's / init_from checkpoint's; LLaVA-1.5: "pad" (the original's
             # image_aspect_ratio) | "center_crop" (llava-hf's CLIPImageProcessor)
             "vision_aspect_ratio": "",
+            # "" = the preset's / init_from checkpoint's; else an mm_newline_position
+            # ("grid" | "frame" | "one_token" | "no_token"): LLaVA-Video trains "grid" from
+            # OneVision checkpoints, whose config says "one_token"
+            "video_newline": "",
         }
     )
     # Initialise from an HF dir or an Orbax checkpoint (a previous stage's workdir).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -29,8 +30,15 @@ def model_from_config(config) -> tuple[ModelConfig, object]:
         from lov_jax.pretrained import load_pretrained
 
         cfg, params = load_pretrained(config.init_from, dtype=config.model.param_dtype)
-        return cfg.replace(**overrides), params
-    return model_config.preset(config.model.preset, **overrides), None
+        cfg = cfg.replace(**overrides)
+    else:
+        cfg, params = model_config.preset(config.model.preset, **overrides), None
+    if newline := config.model.video_newline:  # "" keeps the preset's / checkpoint's
+        try:
+            cfg = cfg.replace(video=dataclasses.replace(cfg.video, newline=newline))
+        except ValueError as err:
+            raise ValueError(f"model.video_newline {newline!r}: {err}") from err
+    return cfg, params
 
 
 def load_tokenizer_for(config):

@@ -33,7 +33,7 @@ def test_recipe_sets_what_the_script_changes():
         assert {k: v for k, v in a.items() if v != b[k]} == {
             "data.train_path": "llava_video.yaml", "data.frames_upbound": 64,
             "data.force_sample": True, "data.add_time_instruction": True,
-            "data.max_crops": 128, "train.ckpt_every": 500,
+            "data.max_crops": 128, "train.ckpt_every": 500, "model.video_newline": "grid",
         }  # fmt: skip
         assert (c.optim.lr, c.optim.vision_lr, c.data.seq_len) == (1e-5, 2e-6, 32768)
         cfg = model_config.preset(preset)
@@ -41,6 +41,28 @@ def test_recipe_sets_what_the_script_changes():
     assert model_config.preset("llava_video_7b").text.num_layers == 28  # Qwen-2 7B
     with pytest.raises(ValueError, match="unknown model preset"):
         llava_video.get_config("ov_7b")
+
+
+def test_recipe_trains_grid_newlines_from_a_one_token_checkpoint(monkeypatch):
+    """init_from a OneVision checkpoint (mm_newline_position one_token in its config): the
+    recipe's model.video_newline wins; "" keeps the checkpoint's; a bad value names the key."""
+    import dataclasses
+
+    from lov_jax import pretrained
+    from lov_jax.train.run import model_from_config
+
+    ov = model_config.preset("tiny")  # OneVision: one newline after each video
+    assert ov.video.newline == "one_token"
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda path, dtype: (ov, "params"))
+    c = llava_video.get_config("tiny_llava_video")
+    c.init_from = "/ckpt/ov"
+    cfg, params = model_from_config(c)
+    assert cfg.video == dataclasses.replace(ov.video, newline="grid") and params == "params"
+    c.model.video_newline = ""
+    assert model_from_config(c)[0].video.newline == "one_token"
+    c.model.video_newline = "per_row"
+    with pytest.raises(ValueError, match="model.video_newline 'per_row'"):
+        model_from_config(c)
 
 
 @pytest.fixture(scope="module")

@@ -213,9 +213,14 @@ def _check_eval(ref: Path, got: Path) -> None:
         shard = got / "shards" / f"tiny.rank{i:05d}-of-00002.jsonl"
         ids[i] = sorted(json.loads(line)["id"] for line in shard.read_text().splitlines())
     assert ids == {0: ["one", "text", "wide"], 1: ["missing", "two"]}
-    samples = (got / "samples_tiny.jsonl").read_text()
-    assert samples == (ref / "samples_tiny.jsonl").read_text()
-    rows = [json.loads(line) for line in samples.splitlines()]
+    # Rows equal but for their key: the model fingerprint hashes the params' bits, and two
+    # processes train to the same losses within 2e-6, not to the same bits.
+    rows, ref_rows = (
+        [json.loads(line) for line in (d / "samples_tiny.jsonl").read_text().splitlines()]
+        for d in (got, ref)
+    )
+    assert [r["key"][1] for r in rows] == [r["key"][1] for r in ref_rows]  # the task hash
+    assert [{**r, "key": None} for r in rows] == [{**r, "key": None} for r in ref_rows]
     assert [r["id"] for r in rows] == ["one", "two", "text", "missing", "wide"]
     assert rows[3]["error"]["reason"] == "missing_media"
     assert all(isinstance(r["prediction"], str) for i, r in enumerate(rows) if i != 3)

@@ -241,6 +241,8 @@ def test_resume_onto_a_different_mesh(tmp_path):
                            progress=False)  # fmt: skip
     assert resumed.resumed_from == 2
     q = resumed.state.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    want = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    # embed: fsdp x context (size 1 here)
+    assert q.sharding.is_equivalent_to(jax.sharding.NamedSharding(q.sharding.mesh, want), q.ndim)
     # Same data and state; only the reduction order differs across 8 devices.
     np.testing.assert_allclose(resumed.losses[2], full.losses[2], rtol=2e-6)

@@ -47,7 +47,7 @@ from lov_jax.config import ModelConfig
 from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.models.loss import gather_trained_positions
 from lov_jax.train import optimizer
-from lov_jax.train.step import TrainState, fresh_state
+from lov_jax.train.step import TrainState, fresh_state, with_frozen_leaves
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 REFERENCES = ("step", "precomputed")
@@ -390,12 +390,7 @@ class DPOTrainer:
     def with_frozen(self, trained, base):
         """Restored trained leaves (`checkpoint_view`) + the frozen leaves of `base` (host
         params) -> full policy params in the state's dtypes and shardings."""
-        flat = traverse_util.flatten_dict(base)
-        frozen = {k: v for k, v in flat.items() if self.labels.get(k) == optimizer.FROZEN}
-        params = optimizer.merge_params(traverse_util.flatten_dict(trained), frozen)
-        if self.lora is not None:
-            params = self.lora.cast_frozen(params, self.labels, optimizer.FROZEN)
-        return jax.device_put(params, self.state_sharding.params)
+        return with_frozen_leaves(trained, base, self.labels, self.lora, self.state_sharding)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""

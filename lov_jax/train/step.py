@@ -146,12 +146,7 @@ class Trainer:
     def with_frozen(self, trained, base):
         """Trained leaves (a restored `checkpoint_view`) + the frozen leaves of `base`
         params (host) -> full params in the state's dtypes and shardings."""
-        flat = traverse_util.flatten_dict(base)
-        frozen = {k: v for k, v in flat.items() if self.labels.get(k) == optimizer.FROZEN}
-        params = optimizer.merge_params(traverse_util.flatten_dict(trained), frozen)
-        if self.lora is not None:
-            params = self.lora.cast_frozen(params, self.labels, optimizer.FROZEN)
-        return jax.device_put(params, self.state_sharding.params)
+        return with_frozen_leaves(trained, base, self.labels, self.lora, self.state_sharding)
 
     def abstract_batch(self, rows: int, length: int, crops: int, micro_batches: int) -> dict:
         """ShapeDtypeStructs of a step's batch [A, B, ...] (`lov_jax.batch`), sharded."""
@@ -231,6 +226,18 @@ class Trainer:
             **{f"lr/{g}": s(state.step) for g, s in self.schedules.items()},
         }
         return new_state, metrics
+
+
+def with_frozen_leaves(trained, base, labels, lora, shardings: TrainState):
+    """Trained leaves + the leaves of `base` (host params) that `labels` freezes -> full
+    params, the frozen ones in LoRA's base dtype (`lora` None: as stored), placed by
+    `shardings.params`. The one merge for Trainer and DPOTrainer resumes."""
+    flat = traverse_util.flatten_dict(base)
+    frozen = {k: v for k, v in flat.items() if labels.get(k) == optimizer.FROZEN}
+    params = optimizer.merge_params(traverse_util.flatten_dict(trained), frozen)
+    if lora is not None:
+        params = lora.cast_frozen(params, labels, optimizer.FROZEN)
+    return jax.device_put(params, shardings.params)
 
 
 def fresh_state(params, labels, tx: optax.GradientTransformation, shardings: TrainState):

@@ -434,13 +434,15 @@ _TINY_CLIP = dataclasses.replace(
 )  # the real 336/14 geometry: 576 features per crop
 
 
+_TINY_VICUNA = dataclasses.replace(
+    _VICUNA_7B, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+    num_kv_heads=4, head_dim=12,
+)  # fmt: skip  # a 2-layer Llama (MHA)
+
+
 def tiny_llava15(**kw: Any) -> ModelConfig:
     """Tiny LLaVA-1.5 (tests): CLIP 32 wide + a 2-layer Llama (MHA)."""
-    text = dataclasses.replace(
-        _VICUNA_7B, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=4, head_dim=12,
-    )  # fmt: skip
-    return _llava15(text, {"vision": _TINY_CLIP, **kw})
+    return _llava15(_TINY_VICUNA, {"vision": _TINY_CLIP, **kw})
 
 
 def tiny_llava_next(**kw: Any) -> ModelConfig:
@@ -454,11 +456,7 @@ def tiny_llava_next(**kw: Any) -> ModelConfig:
 
 def tiny_llava_next_video(**kw: Any) -> ModelConfig:
     """Tiny LLaVA-NeXT-Video (tests): tiny LLaVA-NeXT's CLIP and Vicuna-style LLM."""
-    text = dataclasses.replace(
-        _VICUNA_7B, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=4, head_dim=12,
-    )  # fmt: skip
-    return _llava_next_video(text, {"vision": _TINY_CLIP, **kw})
+    return _llava_next_video(_TINY_VICUNA, {"vision": _TINY_CLIP, **kw})
 
 
 def _llava_mini(text: TextConfig, mini: MiniConfig, kw: dict) -> ModelConfig:

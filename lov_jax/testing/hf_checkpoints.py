@@ -445,3 +445,19 @@ def hf_logits(model, sample: Sample) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     return out.logits[0].float().numpy()
+
+
+def hf_embeds_and_logits(model, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """(float32[T, D] merged input embeddings the HF model's LLM receives, float32[T, V]
+    logits) for one unpadded sample."""
+    seen = {}
+
+    def grab(_, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"][0].numpy()
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        logits = hf_logits(model, sample)
+    finally:
+        hook.remove()
+    return seen["embeds"], logits

@@ -19,7 +19,7 @@ from lov_jax.convert.safetensors_io import load_hf_checkpoint
 from lov_jax.models.llava_onevision import LlavaOnevision
 from lov_jax.testing.hf_checkpoints import (
     chat_frame,
-    hf_logits,
+    hf_embeds_and_logits,
     make_tiny_llava_hf,
     multi_turn_sample,
     our_batch,
@@ -58,19 +58,10 @@ class Loaded:
         n = len(sample.tokens)
         assert n <= self.length and len(sample.crops) <= self.crops
         batch = jax.tree.map(jnp.asarray, our_batch([sample], self.cfg, self.length, self.crops))
-        seen = {}
-
-        def grab(_, args, kwargs):
-            seen["embeds"] = kwargs["inputs_embeds"][0].numpy()
-
-        hook = self.hf.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            ref = hf_logits(self.hf, sample)
-        finally:
-            hook.remove()
+        hf_embeds, ref = hf_embeds_and_logits(self.hf, sample)
         ours = np.asarray(self._embeds(self.params, batch))[0, :n]
         logits = np.asarray(self._logits(self.params, batch))[0, :n]
-        for what, a, b, atol in (("embeds", ours, seen["embeds"], EMBED_ATOL),
+        for what, a, b, atol in (("embeds", ours, hf_embeds, EMBED_ATOL),
                                  ("logits", logits, ref, ATOL)):  # fmt: skip
             assert a.shape == b.shape, (what, a.shape, b.shape)
             diff = float(np.max(np.abs(a - b)))

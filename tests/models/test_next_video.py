@@ -28,6 +28,7 @@ from lov_jax.testing.hf_checkpoints import (
     Sample,
     chat_frame,
     expand,
+    hf_embeds_and_logits,
     hf_logits,
     make_tiny_llava_hf,
     our_batch,
@@ -75,18 +76,9 @@ class Loaded:
         n = len(sample.tokens)
         assert n <= self.length and len(sample.crops) <= self.crops
         batch = jax.tree.map(jnp.asarray, our_batch([sample], self.cfg, self.length, self.crops))
-        seen = {}
-
-        def grab(_, args, kwargs):
-            seen["embeds"] = kwargs["inputs_embeds"][0].numpy()
-
-        hook = self.hf.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            ref = hf_logits(self.hf, sample)
-        finally:
-            hook.remove()
+        hf_embeds, ref = hf_embeds_and_logits(self.hf, sample)
         embeds, logits = (np.asarray(x)[0, :n] for x in self._run(self.params, batch))
-        for what, a, b, atol in (("embeds", embeds, seen["embeds"], EMBED_ATOL),
+        for what, a, b, atol in (("embeds", embeds, hf_embeds, EMBED_ATOL),
                                  ("logits", logits, ref, ATOL)):  # fmt: skip
             assert a.shape == b.shape, (what, a.shape, b.shape)
             diff = float(np.max(np.abs(a - b)))
